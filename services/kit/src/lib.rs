@@ -1,0 +1,25 @@
+//! Shared building blocks of the three backend services.
+//!
+//! Layout:
+//! - [`error`]: `AppError`, the one type every handler returns on failure, and
+//!   the single place that turns a failure into a status code and a
+//!   `{"detail": ...}` body.
+//! - [`extract`]: `Json`, `Path` and `Query` extractors whose rejections are
+//!   `AppError`s (400 for malformed JSON, 422 for invalid fields, 413 for
+//!   bodies over the limit) instead of axum's plain-text defaults.
+//! - [`money`]: exact money, integer cents inside, a 2-decimal JSON number
+//!   outside.
+//! - [`db`]: opening a service's own SQLite file (WAL, busy timeout) and
+//!   running its migrations once, safely across processes.
+//! - [`serve`]: binding, graceful shutdown on SIGTERM/Ctrl-C, the common
+//!   router layers, logging set-up and the `/health` handler.
+//! - [`testing`]: calling a router in-process from tests.
+
+pub mod db;
+pub mod error;
+pub mod extract;
+pub mod money;
+pub mod serve;
+pub mod testing;
+
+pub use error::{AppError, AppResult};

@@ -1,0 +1,205 @@
+//! The order service's calls to user-service and product-service.
+//!
+//! One `reqwest::Client` for the life of the process (pooled keep-alive
+//! connections, connect and total timeouts), never one per request. Every
+//! failure to reach a dependency is a 503 that names it; answers the client
+//! must see (user not found, product not found, insufficient stock) are
+//! passed on with their status and detail.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use product_service::api::{ItemRequest, Reservation, ReserveRequest};
+use service_kit::AppError;
+
+/// Time to establish a connection to a dependency on the local network; a
+/// dead host is reported quickly instead of holding the order.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Whole-call limit: a reservation waits for SQLite's write lock (up to
+/// 10 s busy timeout) under heavy contention, so allow a little more.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(12);
+/// Idle pooled connections are closed before the services' own keep-alive
+/// limits would close them under us.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts to release a reservation before giving up and logging it.
+const RELEASE_ATTEMPTS: u32 = 3;
+/// Pause between release attempts.
+const RELEASE_BACKOFF: Duration = Duration::from_millis(200);
+
+/// A dependency that cannot be set up; reported at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum DependencyError {
+    #[error("invalid --{name}-url {url:?}: {reason}")]
+    Url {
+        name: &'static str,
+        url: String,
+        reason: String,
+    },
+    #[error("--{name}-url {url:?} must be an http:// URL with a host")]
+    NotHttp { name: &'static str, url: String },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(reqwest::Error),
+}
+
+/// Where the user and product services are, and the client that calls them.
+#[derive(Clone, Debug)]
+pub struct Dependencies {
+    http: reqwest::Client,
+    users_url: String,
+    products_url: String,
+}
+
+impl Dependencies {
+    /// `users_url` and `products_url` are base URLs such as
+    /// `http://127.0.0.1:8001`.
+    pub fn new(users_url: &str, products_url: &str) -> Result<Self, DependencyError> {
+        let base = |name: &'static str, url: &str| {
+            let parsed = reqwest::Url::parse(url).map_err(|err| DependencyError::Url {
+                name,
+                url: url.to_owned(),
+                reason: err.to_string(),
+            })?;
+            if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
+                return Err(DependencyError::NotHttp {
+                    name,
+                    url: url.to_owned(),
+                });
+            }
+            Ok(url.trim_end_matches('/').to_owned())
+        };
+        let users_url = base("users", users_url)?;
+        let products_url = base("products", products_url)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build()
+            .map_err(DependencyError::Client)?;
+        Ok(Self {
+            http,
+            users_url,
+            products_url,
+        })
+    }
+
+    /// Ok if the user exists; 404 `User not found`; 503 if user-service
+    /// cannot answer.
+    pub async fn check_user(&self, user_id: i64) -> Result<(), AppError> {
+        let url = format!("{}/users/{user_id}", self.users_url);
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|err| unreachable("User service", &err))?;
+        match response.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::NOT_FOUND => Err(AppError::not_found("User not found")),
+            other => Err(bad_answer("User service", other)),
+        }
+    }
+
+    /// Holds stock for every item under `reservation_id`, or for none.
+    /// Passes on 404 `Product N not found` and 400 `Insufficient stock for
+    /// product N`. If the call fails in a way that leaves its outcome unknown
+    /// (timeout, connection lost), the reservation is released before the
+    /// 503 is returned, so no stock is left held.
+    pub async fn reserve(
+        &self,
+        reservation_id: &str,
+        items: &[ItemRequest],
+    ) -> Result<Reservation, AppError> {
+        let url = format!("{}/reservations", self.products_url);
+        let body = ReserveRequest {
+            id: Some(reservation_id.to_owned()),
+            items: items.to_vec(),
+        };
+        let response = match self.http.post(&url).json(&body).send().await {
+            Ok(response) => response,
+            Err(err) => {
+                if !err.is_connect() {
+                    // The request may have been applied: undo it.
+                    self.release(reservation_id).await;
+                }
+                return Err(unreachable("Product service", &err));
+            }
+        };
+        let status = response.status();
+        if status.is_success() {
+            return match response.json::<Reservation>().await {
+                Ok(reservation) => Ok(reservation),
+                Err(err) => {
+                    self.release(reservation_id).await;
+                    Err(unreachable("Product service", &err))
+                }
+            };
+        }
+        match status {
+            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+                Err(AppError::new(status, detail_of(response).await))
+            }
+            other => {
+                // A failed reservation rolls back, but releasing is
+                // idempotent and costs little: leave nothing to chance.
+                self.release(reservation_id).await;
+                Err(bad_answer("Product service", other))
+            }
+        }
+    }
+
+    /// Gives a reservation's stock back. Retries a few times; if
+    /// product-service stays unreachable the reservation id is logged as an
+    /// error for an operator (releasing is idempotent, so replaying
+    /// `POST /reservations/{id}/release` later is safe).
+    pub async fn release(&self, reservation_id: &str) {
+        let url = format!(
+            "{}/reservations/{reservation_id}/release",
+            self.products_url
+        );
+        for attempt in 1..=RELEASE_ATTEMPTS {
+            match self.http.post(&url).send().await {
+                Ok(response) if response.status().is_success() => return,
+                Ok(response) => {
+                    tracing::warn!(reservation = reservation_id, status = %response.status(), attempt, "release refused");
+                }
+                Err(err) => {
+                    tracing::warn!(reservation = reservation_id, error = %err, attempt, "release failed");
+                }
+            }
+            tokio::time::sleep(RELEASE_BACKOFF * attempt).await;
+        }
+        tracing::error!(
+            reservation = reservation_id,
+            "could not release reservation; replay POST {url} when product-service is back"
+        );
+    }
+}
+
+fn unreachable(dependency: &str, err: &reqwest::Error) -> AppError {
+    tracing::warn!(error = %err, "{dependency} unreachable");
+    let why = if err.is_timeout() {
+        "timed out"
+    } else {
+        "unavailable"
+    };
+    AppError::unavailable(format!("{dependency} {why}"))
+}
+
+fn bad_answer(dependency: &str, status: StatusCode) -> AppError {
+    tracing::warn!(%status, "{dependency} answered with an unexpected status");
+    AppError::unavailable(format!("{dependency} unavailable (answered {status})"))
+}
+
+/// The `detail` of a JSON error body, or a generic text if there is none.
+async fn detail_of(response: reqwest::Response) -> String {
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        detail: String,
+    }
+    let status = response.status();
+    response
+        .json::<Detail>()
+        .await
+        .map(|d| d.detail)
+        .unwrap_or_else(|_| format!("Product service answered {status}"))
+}

@@ -1,0 +1,219 @@
+//! The catalogue: creating, listing and reading products, and changing stock.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use service_kit::extract::{Json, Path, Query};
+use service_kit::money::Money;
+use service_kit::{AppError, AppResult};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::AppState;
+
+/// Largest stock a product may hold. Keeps `stock + change` far from
+/// SQLite's integer overflow (which would silently turn it into a float).
+pub const MAX_STOCK: i64 = 1_000_000_000;
+/// Longest product name and category accepted.
+const MAX_NAME_CHARS: usize = 200;
+/// Longest description accepted.
+const MAX_DESCRIPTION_CHARS: usize = 5_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    pub id: i64,
+    pub name: String,
+    pub description: Option<String>,
+    pub price: Money,
+    pub stock: i64,
+    pub category: String,
+}
+
+pub(crate) const PRODUCT_COLUMNS: &str = "id, name, description, price_cents, stock, category";
+
+impl Product {
+    pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
+        Ok(Product {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            description: row.try_get("description")?,
+            price: Money::from_cents(row.try_get("price_cents")?),
+            stock: row.try_get("stock")?,
+            category: row.try_get("category")?,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NewProduct {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub price: Money,
+    pub stock: i64,
+    pub category: String,
+}
+
+impl NewProduct {
+    fn validated(self) -> AppResult<NewProduct> {
+        let name = self.name.trim().to_owned();
+        let category = self.category.trim().to_owned();
+        let description = self.description.map(|d| d.trim().to_owned());
+        let length_ok = |s: &str, max| !s.is_empty() && s.chars().count() <= max;
+        if !length_ok(&name, MAX_NAME_CHARS) {
+            return Err(AppError::unprocessable(format!(
+                "name must be 1 to {MAX_NAME_CHARS} characters"
+            )));
+        }
+        if !length_ok(&category, MAX_NAME_CHARS) {
+            return Err(AppError::unprocessable(format!(
+                "category must be 1 to {MAX_NAME_CHARS} characters"
+            )));
+        }
+        if description
+            .as_deref()
+            .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION_CHARS)
+        {
+            return Err(AppError::unprocessable(format!(
+                "description must be at most {MAX_DESCRIPTION_CHARS} characters"
+            )));
+        }
+        if self.price < Money::ZERO {
+            return Err(AppError::unprocessable("price must not be negative"));
+        }
+        if !(0..=MAX_STOCK).contains(&self.stock) {
+            return Err(AppError::unprocessable(format!(
+                "stock must be between 0 and {MAX_STOCK}"
+            )));
+        }
+        Ok(NewProduct {
+            name,
+            description,
+            category,
+            ..self
+        })
+    }
+}
+
+pub async fn create_product(
+    State(state): State<AppState>,
+    Json(new_product): Json<NewProduct>,
+) -> AppResult<(StatusCode, Json<Product>)> {
+    let p = new_product.validated()?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO products (name, description, price_cents, stock, category)
+         VALUES (?, ?, ?, ?, ?) RETURNING {PRODUCT_COLUMNS}"
+    )))
+    .bind(&p.name)
+    .bind(&p.description)
+    .bind(p.price.cents())
+    .bind(p.stock)
+    .bind(&p.category)
+    .fetch_one(&state.db)
+    .await?;
+    Ok((StatusCode::CREATED, Json(Product::from_row(&row)?)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListFilter {
+    /// Only products of this category, compared case-insensitively.
+    pub category: Option<String>,
+}
+
+pub async fn list_products(
+    State(state): State<AppState>,
+    Query(filter): Query<ListFilter>,
+) -> AppResult<Json<Vec<Product>>> {
+    let rows = match filter.category {
+        Some(category) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PRODUCT_COLUMNS} FROM products
+                 WHERE category = ? COLLATE NOCASE ORDER BY id"
+            )))
+            .bind(category.trim().to_owned())
+            .fetch_all(&state.db)
+            .await?
+        }
+        None => {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PRODUCT_COLUMNS} FROM products ORDER BY id"
+            )))
+            .fetch_all(&state.db)
+            .await?
+        }
+    };
+    let products = rows
+        .iter()
+        .map(Product::from_row)
+        .collect::<Result<_, _>>()?;
+    Ok(Json(products))
+}
+
+pub async fn get_product(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> AppResult<Json<Product>> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ?"
+    )))
+    .bind(id)
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or_else(|| AppError::not_found("Product not found"))?;
+    Ok(Json(Product::from_row(&row)?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StockChange {
+    pub stock_change: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StockChanged {
+    pub product_id: i64,
+    pub new_stock: i64,
+}
+
+/// `PUT /products/{id}/stock?stock_change=N`: adds N (may be negative) in one
+/// conditional statement, so concurrent changes never lose an update and
+/// stock never goes below zero.
+pub async fn change_stock(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Query(StockChange { stock_change }): Query<StockChange>,
+) -> AppResult<Json<StockChanged>> {
+    if stock_change.abs() > MAX_STOCK {
+        return Err(AppError::unprocessable(format!(
+            "stock_change must be between -{MAX_STOCK} and {MAX_STOCK}"
+        )));
+    }
+    let updated: Option<i64> = sqlx::query_scalar(
+        "UPDATE products SET stock = stock + ?1
+         WHERE id = ?2 AND stock + ?1 BETWEEN 0 AND ?3
+         RETURNING stock",
+    )
+    .bind(stock_change)
+    .bind(id)
+    .bind(MAX_STOCK)
+    .fetch_optional(&state.db)
+    .await?;
+    if let Some(new_stock) = updated {
+        return Ok(Json(StockChanged {
+            product_id: id,
+            new_stock,
+        }));
+    }
+    // Nothing changed: say why. The stock read here only picks the message;
+    // it decides nothing.
+    let stock: Option<i64> = sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&state.db)
+        .await?;
+    match stock {
+        None => Err(AppError::not_found("Product not found")),
+        Some(_) if stock_change < 0 => Err(AppError::bad_request("Insufficient stock")),
+        Some(_) => Err(AppError::unprocessable(format!(
+            "stock would exceed {MAX_STOCK}"
+        ))),
+    }
+}

@@ -1,0 +1,197 @@
+//! user-service: registers users and looks them up.
+//!
+//! `POST /users`, `GET /users`, `GET /users/{id}`, `GET /health`. Data lives
+//! in the service's own SQLite file; see `migrations/`.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use service_kit::db::{self, DbError, Migration};
+use service_kit::extract::{Json, Path};
+use service_kit::{AppError, AppResult};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqlitePool};
+
+pub const SERVICE_NAME: &str = "user-service";
+
+/// The schema, in order; applied at start-up by [`open_db`].
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: include_str!("../migrations/0001_users.sql"),
+}];
+
+/// Longest username accepted.
+const MAX_USERNAME_CHARS: usize = 50;
+/// Longest e-mail address a mail system accepts (RFC 5321 path limit).
+const MAX_EMAIL_CHARS: usize = 254;
+/// Longest full name accepted; generous for any real name.
+const MAX_FULL_NAME_CHARS: usize = 200;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: SqlitePool,
+}
+
+/// Opens the user database at `path`, creating and migrating it if needed.
+pub async fn open_db(path: &std::path::Path) -> Result<SqlitePool, DbError> {
+    db::open(path, MIGRATIONS).await
+}
+
+/// The service's routes, with the common layers and `/health`.
+pub fn app(state: AppState) -> Router {
+    let routes = Router::new()
+        .route("/users", get(list_users).post(create_user))
+        .route("/users/{id}", get(get_user))
+        .with_state(state.clone());
+    service_kit::serve::finish_router(routes, SERVICE_NAME, state.db)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct NewUser {
+    pub username: String,
+    pub email: String,
+    pub full_name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    pub email: String,
+    pub full_name: String,
+    pub is_active: bool,
+}
+
+impl User {
+    fn from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
+        Ok(User {
+            id: row.try_get("id")?,
+            username: row.try_get("username")?,
+            email: row.try_get("email")?,
+            full_name: row.try_get("full_name")?,
+            is_active: row.try_get("is_active")?,
+        })
+    }
+}
+
+const USER_COLUMNS: &str = "id, username, email, full_name, is_active";
+
+impl NewUser {
+    /// Trims the fields and checks them; the first problem is a 422.
+    fn validated(self) -> AppResult<NewUser> {
+        let username = self.username.trim().to_owned();
+        let email = self.email.trim().to_owned();
+        let full_name = self.full_name.trim().to_owned();
+        let username_ok = |c: char| c.is_alphanumeric() || matches!(c, '_' | '-' | '.');
+        if username.is_empty() || username.chars().count() > MAX_USERNAME_CHARS {
+            return Err(AppError::unprocessable(format!(
+                "username must be 1 to {MAX_USERNAME_CHARS} characters"
+            )));
+        }
+        if !username.chars().all(username_ok) {
+            return Err(AppError::unprocessable(
+                "username may contain only letters, digits, '_', '-' and '.'",
+            ));
+        }
+        if email.chars().count() > MAX_EMAIL_CHARS || !is_plausible_email(&email) {
+            return Err(AppError::unprocessable(
+                "email is not a valid e-mail address",
+            ));
+        }
+        if full_name.is_empty() || full_name.chars().count() > MAX_FULL_NAME_CHARS {
+            return Err(AppError::unprocessable(format!(
+                "full_name must be 1 to {MAX_FULL_NAME_CHARS} characters"
+            )));
+        }
+        Ok(NewUser {
+            username,
+            email,
+            full_name,
+        })
+    }
+}
+
+/// `local@domain.tld`: one `@`, a non-empty local part, a dotted domain, no
+/// spaces. Deliverability is the mail system's business, not ours.
+fn is_plausible_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.contains('@')
+        && !email.chars().any(char::is_whitespace)
+        && domain.split('.').count() >= 2
+        && domain.split('.').all(|label| !label.is_empty())
+}
+
+async fn create_user(
+    State(state): State<AppState>,
+    Json(new_user): Json<NewUser>,
+) -> AppResult<(StatusCode, Json<User>)> {
+    let new_user = new_user.validated()?;
+    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO users (username, email, full_name) VALUES (?, ?, ?) RETURNING {USER_COLUMNS}"
+    )))
+    .bind(&new_user.username)
+    .bind(&new_user.email)
+    .bind(&new_user.full_name)
+    .fetch_one(&state.db)
+    .await;
+    match inserted {
+        Ok(row) => Ok((StatusCode::CREATED, Json(User::from_row(&row)?))),
+        Err(err) if db::is_unique_violation(&err, "users.username") => {
+            Err(AppError::conflict("Username already exists"))
+        }
+        Err(err) if db::is_unique_violation(&err, "users.email") => {
+            Err(AppError::conflict("Email already exists"))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn list_users(State(state): State<AppState>) -> AppResult<Json<Vec<User>>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {USER_COLUMNS} FROM users ORDER BY id"
+    )))
+    .fetch_all(&state.db)
+    .await?;
+    let users = rows.iter().map(User::from_row).collect::<Result<_, _>>()?;
+    Ok(Json(users))
+}
+
+async fn get_user(State(state): State<AppState>, Path(id): Path<i64>) -> AppResult<Json<User>> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {USER_COLUMNS} FROM users WHERE id = ?"
+    )))
+    .bind(id)
+    .fetch_optional(&state.db)
+    .await?
+    .ok_or_else(|| AppError::not_found("User not found"))?;
+    Ok(Json(User::from_row(&row)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_plausibility() {
+        for good in ["john@example.com", "a.b+c@mail.example.org"] {
+            assert!(is_plausible_email(good), "{good}");
+        }
+        for bad in [
+            "",
+            "john",
+            "@example.com",
+            "john@",
+            "john@localhost",
+            "a@b@c.d",
+            "a b@c.d",
+            "a@b..c",
+        ] {
+            assert!(!is_plausible_email(bad), "{bad}");
+        }
+    }
+}

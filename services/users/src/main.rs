@@ -1,0 +1,29 @@
+//! `user-service` binary: parses settings, opens the database, serves.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use user_service::{AppState, SERVICE_NAME, app, open_db};
+
+/// User service: registration and lookup of users.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "USER_SERVICE_LISTEN", default_value = "127.0.0.1:8001")]
+    listen: SocketAddr,
+    /// SQLite database file (created if missing).
+    #[arg(long, env = "USER_SERVICE_DB", default_value = "data/users.db")]
+    db: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let settings = Settings::parse();
+    service_kit::serve::init_tracing();
+    let db = open_db(&settings.db).await;
+    service_kit::serve::service_main(SERVICE_NAME, settings.listen, db, |db| app(AppState { db }))
+        .await
+}
