@@ -49,3 +49,53 @@ pub async fn call(
     };
     (status, json)
 }
+
+/// A service binary started as a child process on `127.0.0.1:0`; killed when
+/// dropped. Its address is read from the "listening on http://..." line it
+/// logs at start-up, so no port is ever chosen in advance.
+pub struct ChildService {
+    pub addr: std::net::SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl ChildService {
+    /// Starts `binary` with `args` (which must include `--listen
+    /// 127.0.0.1:0`) and waits up to 30 s for it to announce its address.
+    /// Later output is drained in the background so the child never blocks
+    /// on a full pipe.
+    pub async fn start(binary: &str, args: &[&str]) -> std::io::Result<ChildService> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(binary)
+            .args(args)
+            .env("RUST_LOG", "warn,service_kit::serve=info")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stdout"))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let find_addr = async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    return addr.parse().map_err(std::io::Error::other);
+                }
+            }
+            Err(std::io::Error::other(format!(
+                "{binary} exited before listening"
+            )))
+        };
+        let addr = tokio::time::timeout(std::time::Duration::from_secs(30), find_addr)
+            .await
+            .map_err(|_| std::io::Error::other(format!("{binary} did not start in 30 s")))??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(ChildService { addr, child })
+    }
+
+    /// Stops the child with SIGKILL and waits for it.
+    pub async fn kill(mut self) -> std::io::Result<()> {
+        self.child.kill().await
+    }
+}

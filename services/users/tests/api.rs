@@ -1,6 +1,8 @@
 //! user-service through its router: the contract, every error case, and
 //! persistence across a restart on the same file.
 
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use service_kit::testing::call;

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the system tools the build needs, if they are missing, on Debian
+# or Ubuntu. Idempotent: does nothing when everything is there.
+#   cmake: Pingora's zlib-ng build (every Pingora feature set needs it).
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+
+if ((${#need[@]})); then
+    echo "setup: installing ${need[*]}" >&2
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: please install ${need[*]} with your package manager" >&2
+        exit 1
+    fi
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || { echo "setup: need root or sudo to install ${need[*]}" >&2; exit 1; }
+        sudo="sudo"
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: the Rust toolchain is required: https://rustup.rs" >&2
+    exit 1
+fi
