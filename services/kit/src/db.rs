@@ -31,6 +31,10 @@ pub const MAX_CONNECTIONS: u32 = 8;
 /// How long a request waits for a free connection before it gets a 503.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Pause between attempts to open a database another process is busy
+/// creating.
+const OPEN_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 /// One step of a service's schema, applied once, in order.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
@@ -90,14 +94,49 @@ pub async fn open(path: &Path, migrations: &[Migration]) -> Result<SqlitePool, D
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true);
-    let pool = SqlitePoolOptions::new()
-        .max_connections(MAX_CONNECTIONS)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(options)
-        .await
-        .map_err(open_err)?;
-    migrate(&pool, path, migrations).await?;
-    Ok(pool)
+    // Two processes opening a new file together can see SQLITE_BUSY where
+    // the busy timeout does not apply (switching the file to WAL, WAL
+    // recovery). Such a failure is transient: retry the whole open.
+    let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        let attempt = async {
+            let pool = SqlitePoolOptions::new()
+                .max_connections(MAX_CONNECTIONS)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options.clone())
+                .await
+                .map_err(open_err)?;
+            migrate(&pool, path, migrations).await?;
+            Ok::<_, DbError>(pool)
+        };
+        match attempt.await {
+            Err(err) if err.is_busy() && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(db = %path.display(), "database busy while opening; retrying");
+                tokio::time::sleep(OPEN_RETRY_PAUSE).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+impl DbError {
+    fn is_busy(&self) -> bool {
+        match self {
+            DbError::Open { source, .. } | DbError::Migrate { source, .. } => is_busy(source),
+            DbError::CreateDir { .. } | DbError::TooNew { .. } => false,
+        }
+    }
+}
+
+/// SQLITE_BUSY, plain or extended (the primary code is the low byte).
+fn is_busy(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| code & 0xff == 5),
+        _ => false,
+    }
 }
 
 async fn migrate(pool: &SqlitePool, path: &Path, migrations: &[Migration]) -> Result<(), DbError> {

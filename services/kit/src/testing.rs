@@ -77,14 +77,17 @@ impl ChildService {
             .ok_or_else(|| std::io::Error::other("no stdout"))?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let find_addr = async {
+            let mut seen = String::new();
             while let Some(line) = lines.next_line().await? {
                 if let Some(rest) = line.split("listening on http://").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or_default();
                     return addr.parse().map_err(std::io::Error::other);
                 }
+                seen.push_str(&line);
+                seen.push('\n');
             }
             Err(std::io::Error::other(format!(
-                "{binary} exited before listening"
+                "{binary} exited before listening:\n{seen}"
             )))
         };
         let addr = tokio::time::timeout(std::time::Duration::from_secs(30), find_addr)
