@@ -1,0 +1,219 @@
+//! The gateway's configuration: the validated, run-time form of
+//! `gateway.yaml`, and how to get one.
+//!
+//! Two layers: [`raw`] mirrors the file (serde, unknown keys rejected) and
+//! [`validate`] checks it as a whole and builds a [`Config`] (no serde),
+//! reporting every problem at once with its line and column. Only a
+//! validated `Config` is ever used by the gateway; `gateway check FILE`, the
+//! start-up and every hot reload go through the same [`load`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+pub mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use raw::LoadBalancing;
+pub use validate::{RESERVED_PATHS, segment_prefix_of};
+
+/// Active health-check defaults, applied where the file says nothing.
+pub mod defaults {
+    use std::time::Duration;
+    /// The services' health endpoint, as in the original stack.
+    pub const HEALTH_PATH: &str = "/health";
+    /// Frequent enough that a dead instance leaves rotation within a few
+    /// seconds (interval × unhealthy_threshold), cheap enough to not matter.
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+    /// A health endpoint that takes longer than this is not healthy.
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+    /// Two successes to come back: one lucky answer is not recovery.
+    pub const HEALTHY_THRESHOLD: u32 = 2;
+    /// Two failures to leave: one lost packet is not an outage.
+    pub const UNHEALTHY_THRESHOLD: u32 = 2;
+    /// Connecting on a LAN takes microseconds; a second means the host is
+    /// gone or overloaded, and the client should hear it quickly.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Longest wait for the next bytes of an upstream response (not for the
+    /// whole response, which may stream for longer).
+    pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Longest wait for an upstream to accept the next bytes of a request.
+    pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Pooled idle upstream connections are closed after this, before
+    /// typical backend keep-alive limits (60 s and up) close them under us.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+}
+
+/// A validated gateway configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Sorted by name.
+    pub services: Vec<ServiceConfig>,
+    /// In file order; lookup is by longest prefix, not by order.
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Config {
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Where the instances come from; today always the static list.
+    pub instances: Vec<Instance>,
+    pub load_balancing: LoadBalancing,
+    pub health: HealthSettings,
+    pub timeouts: Timeouts,
+}
+
+/// One upstream instance: the address as written and where it resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Instance {
+    /// As written in the file, e.g. `127.0.0.1:8001` or `users:8001`.
+    pub address: String,
+    pub socket: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Starts with `/`; no trailing `/` unless it is `/` itself.
+    pub prefix: String,
+    pub service: String,
+    pub strip_prefix: Option<String>,
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// A route's plugin with its validated settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PluginConfig {
+    Headers(HeadersPluginConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeadersPluginConfig {
+    pub request: HeaderEdits,
+    pub response: HeaderEdits,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeaderEdits {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+/// One problem in a configuration file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based; 0 when the problem has no single place (e.g. an empty file).
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if error.line > 0 {
+                write!(
+                    f,
+                    "{}:{}:{}: {}",
+                    self.file, error.line, error.column, error.message
+                )?;
+            } else {
+                write!(f, "{}: {}", self.file, error.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads, parses and validates the file at `path`. Resolves host names in
+/// instance addresses (blocking DNS): call it off the request path.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigErrors {
+        file: file.clone(),
+        errors: vec![ConfigError {
+            line: 0,
+            column: 0,
+            message: format!("cannot read the file: {err}"),
+        }],
+    })?;
+    parse(&text, &file)
+}
+
+/// Parses and validates configuration text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let errors = |errors| ConfigErrors {
+        file: file.to_owned(),
+        errors,
+    };
+    if text.trim().is_empty() {
+        return Err(errors(vec![ConfigError {
+            line: 0,
+            column: 0,
+            message: "the file is empty".to_owned(),
+        }]));
+    }
+    let raw: raw::RawConfig = serde_saphyr::from_str(text).map_err(|err| {
+        let (line, column) = err
+            .location()
+            .map_or((0, 0), |location| (location.line(), location.column()));
+        errors(vec![ConfigError {
+            line,
+            column,
+            message: yaml_message(&err),
+        }])
+    })?;
+    validate::validate(raw).map_err(errors)
+}
+
+/// serde-saphyr's message without its own location suffix (we print the
+/// location in front, like a compiler).
+fn yaml_message(err: &serde_saphyr::Error) -> String {
+    let text = err.to_string();
+    let first = text.lines().next().unwrap_or_default().trim();
+    match first.rfind(" at line ") {
+        Some(index) => first[..index].to_owned(),
+        None => first.to_owned(),
+    }
+}

@@ -1,0 +1,402 @@
+//! From the file as written ([`super::raw`]) to a [`super::Config`]: every
+//! check, every default, every error with its place. Never stops at the
+//! first problem.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use serde_saphyr::Spanned;
+
+use super::raw::{
+    HumanDuration, LoadBalancing, RawConfig, RawHeaderEdits, RawHealthCheck, RawPlugin, RawRoute,
+    RawService, RawTimeouts,
+};
+use super::{
+    Config, ConfigError, HeaderEdits, HeadersPluginConfig, HealthSettings, Instance, PluginConfig,
+    RouteConfig, ServiceConfig, Timeouts, defaults,
+};
+
+/// Paths the gateway answers itself; a route may not take them.
+pub const RESERVED_PATHS: &[&str] = &["/health", "/services"];
+
+/// Collects problems, each at the place of a `Spanned` value.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn at<T>(&mut self, place: &Spanned<T>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            line: place.referenced.line(),
+            column: place.referenced.column(),
+            message: message.into(),
+        });
+    }
+}
+
+pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
+    let mut problems = Problems::default();
+
+    let listen = socket_addr(&raw.listen, "listen", &mut problems);
+    let admin_listen = raw
+        .admin_listen
+        .as_ref()
+        .map(|addr| socket_addr(addr, "admin_listen", &mut problems));
+    if let (Some(public), Some(Some(admin))) = (listen, admin_listen)
+        && public == admin
+        && let Some(place) = &raw.admin_listen
+    {
+        problems.at(place, "admin_listen must differ from listen");
+    }
+    let threads = match &raw.threads {
+        Some(threads) if threads.value == 0 => {
+            problems.at(threads, "threads must be at least 1");
+            1
+        }
+        Some(threads) => threads.value,
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
+
+    let base_health = health_settings(&raw.health_check, None, &mut problems);
+    if raw.services.value.is_empty() {
+        problems.at(&raw.services, "at least one service is required");
+    }
+    let services: Vec<ServiceConfig> = raw
+        .services
+        .value
+        .iter()
+        .map(|(name, service)| service_config(name, service, &base_health, &mut problems))
+        .collect();
+    let routes = routes(&raw.routes.value, &raw.services.value, &mut problems);
+
+    if !problems.0.is_empty() {
+        problems.0.sort_by_key(|e| (e.line, e.column));
+        return Err(problems.0);
+    }
+    Ok(Config {
+        listen: listen.unwrap_or_else(unreachable_default),
+        admin_listen: admin_listen.flatten(),
+        threads,
+        services,
+        routes,
+    })
+}
+
+/// Only reached if an error was recorded, which returns early; keeps the
+/// happy path free of `unwrap`.
+fn unreachable_default() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn socket_addr(value: &Spanned<String>, what: &str, problems: &mut Problems) -> Option<SocketAddr> {
+    match resolve(&value.value) {
+        Ok(addr) => Some(addr),
+        Err(why) => {
+            problems.at(value, format!("{what} {:?}: {why}", value.value));
+            None
+        }
+    }
+}
+
+/// `ip:port` or `host:port` (resolved now, first address wins).
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err("expected host:port".to_owned());
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err("expected host:port with a port from 0 to 65535".to_owned());
+    }
+    let mut addrs = text
+        .to_socket_addrs()
+        .map_err(|err| format!("cannot resolve {host:?}: {err}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{host:?} resolves to no address"))
+}
+
+fn health_settings(
+    raw: &RawHealthCheck,
+    base: Option<&HealthSettings>,
+    problems: &mut Problems,
+) -> HealthSettings {
+    let path = match &raw.path {
+        Some(path) if !path.value.starts_with('/') => {
+            problems.at(
+                path,
+                format!("health_check.path {:?} must start with /", path.value),
+            );
+            path.value.clone()
+        }
+        Some(path) => path.value.clone(),
+        None => base.map_or_else(|| defaults::HEALTH_PATH.to_owned(), |b| b.path.clone()),
+    };
+    let duration = |value: &Option<Spanned<HumanDuration>>,
+                    inherited: Option<Duration>,
+                    default: Duration,
+                    what: &str,
+                    problems: &mut Problems| match value {
+        Some(d) if d.value.0.is_zero() => {
+            problems.at(d, format!("health_check.{what} must be greater than zero"));
+            d.value.0
+        }
+        Some(d) => d.value.0,
+        None => inherited.unwrap_or(default),
+    };
+    let threshold = |value: &Option<Spanned<u32>>,
+                     inherited: Option<u32>,
+                     default: u32,
+                     what: &str,
+                     problems: &mut Problems| match value {
+        Some(t) if t.value == 0 => {
+            problems.at(t, format!("health_check.{what} must be at least 1"));
+            1
+        }
+        Some(t) => t.value,
+        None => inherited.unwrap_or(default),
+    };
+    HealthSettings {
+        path,
+        interval: duration(
+            &raw.interval,
+            base.map(|b| b.interval),
+            defaults::HEALTH_INTERVAL,
+            "interval",
+            problems,
+        ),
+        timeout: duration(
+            &raw.timeout,
+            base.map(|b| b.timeout),
+            defaults::HEALTH_TIMEOUT,
+            "timeout",
+            problems,
+        ),
+        healthy_threshold: threshold(
+            &raw.healthy_threshold,
+            base.map(|b| b.healthy_threshold),
+            defaults::HEALTHY_THRESHOLD,
+            "healthy_threshold",
+            problems,
+        ),
+        unhealthy_threshold: threshold(
+            &raw.unhealthy_threshold,
+            base.map(|b| b.unhealthy_threshold),
+            defaults::UNHEALTHY_THRESHOLD,
+            "unhealthy_threshold",
+            problems,
+        ),
+    }
+}
+
+fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn service_config(
+    name: &str,
+    raw: &RawService,
+    base_health: &HealthSettings,
+    problems: &mut Problems,
+) -> ServiceConfig {
+    if !valid_service_name(name) {
+        problems.at(
+            &raw.instances,
+            format!("service name {name:?} may contain only letters, digits, '-', '_' and '.'"),
+        );
+    }
+    if raw.instances.value.is_empty() {
+        problems.at(
+            &raw.instances,
+            format!("service {name}: at least one instance is required"),
+        );
+    }
+    let mut instances: Vec<Instance> = Vec::with_capacity(raw.instances.value.len());
+    for address in &raw.instances.value {
+        let Some(socket) = socket_addr(address, &format!("service {name}: instance"), problems)
+        else {
+            continue;
+        };
+        if instances.iter().any(|i| i.socket == socket) {
+            problems.at(
+                address,
+                format!(
+                    "service {name}: instance {:?} is listed twice",
+                    address.value
+                ),
+            );
+            continue;
+        }
+        instances.push(Instance {
+            address: address.value.clone(),
+            socket,
+        });
+    }
+    ServiceConfig {
+        name: name.to_owned(),
+        instances,
+        load_balancing: raw.load_balancing.unwrap_or(LoadBalancing::RoundRobin),
+        health: health_settings(&raw.health_check, Some(base_health), problems),
+        timeouts: timeouts(name, &raw.timeouts, problems),
+    }
+}
+
+fn timeouts(service: &str, raw: &RawTimeouts, problems: &mut Problems) -> Timeouts {
+    let mut one =
+        |value: &Option<Spanned<HumanDuration>>, default: Duration, what: &str| match value {
+            Some(d) if d.value.0.is_zero() => {
+                problems.at(
+                    d,
+                    format!("service {service}: timeouts.{what} must be greater than zero"),
+                );
+                default
+            }
+            Some(d) => d.value.0,
+            None => default,
+        };
+    Timeouts {
+        connect: one(&raw.connect, defaults::CONNECT_TIMEOUT, "connect"),
+        read: one(&raw.read, defaults::READ_TIMEOUT, "read"),
+        write: one(&raw.write, defaults::WRITE_TIMEOUT, "write"),
+        idle: one(&raw.idle, defaults::IDLE_TIMEOUT, "idle"),
+    }
+}
+
+/// A path prefix as routes use it: starts with `/`, no trailing `/` (unless
+/// it is `/`), no query, no empty or dot segments.
+fn path_prefix_problem(prefix: &str) -> Option<&'static str> {
+    if !prefix.starts_with('/') {
+        return Some("must start with /");
+    }
+    if prefix.len() > 1 && prefix.ends_with('/') {
+        return Some("must not end with / (a prefix matches whole segments already)");
+    }
+    if prefix.contains(['?', '#', ' ']) {
+        return Some("must be a path, without query, fragment or spaces");
+    }
+    if prefix.len() > 1
+        && prefix[1..]
+            .split('/')
+            .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+    {
+        return Some("must not contain empty, '.' or '..' segments");
+    }
+    None
+}
+
+/// True if `prefix` matches `path` on a segment boundary.
+pub fn segment_prefix_of(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || (path.starts_with(prefix)
+            && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
+}
+
+fn routes(
+    raw: &[RawRoute],
+    services: &BTreeMap<String, RawService>,
+    problems: &mut Problems,
+) -> Vec<RouteConfig> {
+    let mut seen: HashMap<&str, u64> = HashMap::new();
+    let mut routes = Vec::with_capacity(raw.len());
+    for route in raw {
+        let prefix = &route.prefix.value;
+        if let Some(why) = path_prefix_problem(prefix) {
+            problems.at(&route.prefix, format!("route prefix {prefix:?} {why}"));
+        } else if RESERVED_PATHS
+            .iter()
+            .any(|reserved| segment_prefix_of(prefix, reserved) && prefix != "/")
+        {
+            problems.at(
+                &route.prefix,
+                format!("route prefix {prefix:?} would take {RESERVED_PATHS:?}, which the gateway answers itself"),
+            );
+        }
+        if let Some(first_line) = seen.insert(prefix.as_str(), route.prefix.referenced.line()) {
+            problems.at(
+                &route.prefix,
+                format!(
+                    "route prefix {prefix:?} is already used by the route at line {first_line}"
+                ),
+            );
+        }
+        if !services.contains_key(&route.service.value) {
+            let known: Vec<&str> = services.keys().map(String::as_str).collect();
+            problems.at(
+                &route.service,
+                format!(
+                    "route {prefix}: unknown service {:?} (services: {})",
+                    route.service.value,
+                    known.join(", ")
+                ),
+            );
+        }
+        if let Some(strip) = &route.strip_prefix {
+            if let Some(why) = path_prefix_problem(&strip.value) {
+                problems.at(strip, format!("strip_prefix {:?} {why}", strip.value));
+            } else if !segment_prefix_of(&strip.value, prefix) {
+                problems.at(
+                    strip,
+                    format!(
+                        "strip_prefix {:?} must be a leading part of the route prefix {prefix:?}",
+                        strip.value
+                    ),
+                );
+            }
+        }
+        let plugins = route
+            .plugins
+            .iter()
+            .map(|plugin| plugin_config(prefix, &route.prefix, plugin, problems))
+            .collect();
+        routes.push(RouteConfig {
+            prefix: prefix.clone(),
+            service: route.service.value.clone(),
+            strip_prefix: route.strip_prefix.as_ref().map(|s| s.value.clone()),
+            plugins,
+        });
+    }
+    routes
+}
+
+fn plugin_config(
+    prefix: &str,
+    place: &Spanned<String>,
+    raw: &RawPlugin,
+    problems: &mut Problems,
+) -> PluginConfig {
+    match raw {
+        RawPlugin::Headers(headers) => {
+            let mut edits = |raw: &RawHeaderEdits, side: &str| {
+                let mut out = HeaderEdits::default();
+                for (name, value) in &raw.set {
+                    match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+                        (Ok(name), Ok(value)) => out.set.push((name, value)),
+                        _ => problems.at(
+                            place,
+                            format!("route {prefix}: headers.{side}.set: invalid header {name:?}: {value:?}"),
+                        ),
+                    }
+                }
+                for name in &raw.remove {
+                    match HeaderName::from_bytes(name.as_bytes()) {
+                        Ok(name) => out.remove.push(name),
+                        Err(_) => problems.at(
+                            place,
+                            format!("route {prefix}: headers.{side}.remove: invalid header name {name:?}"),
+                        ),
+                    }
+                }
+                out
+            };
+            PluginConfig::Headers(HeadersPluginConfig {
+                request: edits(&headers.request, "request"),
+                response: edits(&headers.response, "response"),
+            })
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The gateway's own endpoints on the public listener, compatible with the
+//! original Python gateway: `GET /health` and `GET /services`.
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::snapshot::Snapshot;
+use crate::upstream::Upstream;
+
+/// An endpoint the gateway answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Health,
+    Services,
+}
+
+impl Endpoint {
+    /// The endpoint at exactly `path`, if any (routes may not take these
+    /// paths: validation refuses it).
+    pub fn at(path: &str) -> Option<Endpoint> {
+        match path {
+            "/health" => Some(Endpoint::Health),
+            "/services" => Some(Endpoint::Services),
+            _ => None,
+        }
+    }
+
+    pub fn body(self, snapshot: &Snapshot) -> Bytes {
+        let value = match self {
+            Endpoint::Health => health(snapshot),
+            Endpoint::Services => services(snapshot),
+        };
+        Bytes::from(value.to_string())
+    }
+}
+
+fn service_healthy(upstream: &Upstream) -> bool {
+    upstream.instances.iter().any(|i| i.is_ready())
+}
+
+/// `{"gateway":"healthy","services":{"user-service":true,...},"overall_healthy":true}`:
+/// a service is healthy while at least one instance is in rotation. Always
+/// 200 while the gateway runs; the body tells the state.
+fn health(snapshot: &Snapshot) -> Value {
+    let services: serde_json::Map<String, Value> = snapshot
+        .upstreams
+        .iter()
+        .map(|u| (u.name.clone(), Value::Bool(service_healthy(u))))
+        .collect();
+    let overall = services
+        .values()
+        .all(|healthy| healthy == &Value::Bool(true));
+    json!({
+        "gateway": "healthy",
+        "services": services,
+        "overall_healthy": overall,
+    })
+}
+
+/// Every service with its first instance as `url` (the original shape) and
+/// every instance with its own state.
+fn services(snapshot: &Snapshot) -> Value {
+    let services: Vec<Value> = snapshot
+        .upstreams
+        .iter()
+        .map(|upstream| {
+            let instances: Vec<Value> = upstream
+                .instances
+                .iter()
+                .map(|instance| {
+                    let view = instance.view();
+                    let mut entry = json!({
+                        "address": instance.address,
+                        "healthy": instance.is_ready(),
+                        "status": view.status.as_str(),
+                    });
+                    if let Some(error) = view.last_error {
+                        entry["last_error"] = Value::String(error);
+                    }
+                    entry
+                })
+                .collect();
+            json!({
+                "name": upstream.name,
+                "url": upstream.instances.first().map(|i| format!("http://{}", i.address)),
+                "healthy": service_healthy(upstream),
+                "instances": instances,
+            })
+        })
+        .collect();
+    json!({ "services": services })
+}

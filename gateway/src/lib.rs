@@ -1,0 +1,43 @@
+//! A programmable API gateway on Pingora.
+//!
+//! Layout, in the order a request meets it:
+//! - [`config`]: `gateway.yaml` in two layers (serde mirror, then a
+//!   validated run-time `Config`), with located errors.
+//! - [`snapshot`]: one configuration version built for serving (routes,
+//!   upstreams, plugins) and the atomic pointer to the current one.
+//! - [`proxy`]: the thin Pingora `ProxyHttp` implementation walking the
+//!   phases below.
+//! - [`forwarding`]: request ids, `X-Forwarded-*`, hop-by-hop fields.
+//! - [`endpoints`]: `/health` and `/services`.
+//! - [`routing`]: longest segment-prefix match and prefix stripping.
+//! - [`plugins`]: the per-route policy trait and the built-in plugins.
+//! - [`upstream`]: a service's instances, balancer, timeouts and peers.
+//! - [`health`]: active health checks and per-instance state.
+//! - [`discovery`]: where instances come from (the extension trait).
+//! - [`errors`]: the one mapping from failures to status and JSON body.
+//! - [`server`]: start-up and the Pingora server.
+
+pub mod config;
+pub mod discovery;
+pub mod endpoints;
+pub mod errors;
+pub mod forwarding;
+pub mod health;
+pub mod plugins;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;
+
+/// Sets up `tracing` output (`RUST_LOG`, default `info`), which also
+/// receives Pingora's `log` records.
+pub fn init_tracing() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .try_init();
+}

@@ -1,0 +1,63 @@
+//! `gateway` binary: `gateway --config gateway.yaml` runs the gateway;
+//! `gateway check FILE...` validates files and exits non-zero on error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A programmable API gateway on Pingora.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The configuration file to run with.
+    #[arg(long, short, env = "GATEWAY_CONFIG", default_value = "gateway.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate configuration files exactly as the gateway would load them;
+    /// prints every error as FILE:LINE:COLUMN: message.
+    Check {
+        /// Files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { files }) => check(&files),
+        None => {
+            gateway::init_tracing();
+            gateway::server::run(&cli.config)
+        }
+    }
+}
+
+fn check(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        match gateway::config::load(file) {
+            Ok(config) => println!(
+                "{}: ok ({} services, {} routes)",
+                file.display(),
+                config.services.len(),
+                config.routes.len()
+            ),
+            Err(errors) => {
+                eprintln!("{errors}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
