@@ -5,7 +5,6 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::snapshot::Snapshot;
-use crate::upstream::Upstream;
 
 /// An endpoint the gateway answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +33,6 @@ impl Endpoint {
     }
 }
 
-fn service_healthy(upstream: &Upstream) -> bool {
-    upstream.instances.iter().any(|i| i.is_ready())
-}
-
 /// `{"gateway":"healthy","services":{"user-service":true,...},"overall_healthy":true}`:
 /// a service is healthy while at least one instance is in rotation. Always
 /// 200 while the gateway runs; the body tells the state.
@@ -45,7 +40,7 @@ fn health(snapshot: &Snapshot) -> Value {
     let services: serde_json::Map<String, Value> = snapshot
         .upstreams
         .iter()
-        .map(|u| (u.name.clone(), Value::Bool(service_healthy(u))))
+        .map(|u| (u.name.clone(), Value::Bool(u.any_ready())))
         .collect();
     let overall = services
         .values()
@@ -83,7 +78,7 @@ fn services(snapshot: &Snapshot) -> Value {
             json!({
                 "name": upstream.name,
                 "url": upstream.instances.first().map(|i| format!("http://{}", i.address)),
-                "healthy": service_healthy(upstream),
+                "healthy": upstream.any_ready(),
                 "instances": instances,
             })
         })

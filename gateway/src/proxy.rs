@@ -114,6 +114,16 @@ impl ProxyHttp for Gateway {
                 .await;
         };
         ctx.route = Some(route_index);
+        if let Some(route) = ctx.route()
+            && !route.upstream.any_ready()
+        {
+            // Decided before any upstream work, so the client connection
+            // stays open for its next request.
+            let service = route.upstream.name.clone();
+            return self
+                .answer_locally(session, ctx, GatewayError::NoHealthyInstance { service })
+                .await;
+        }
 
         let plugins = ctx.route().map(|r| r.plugins.clone()).unwrap_or_default();
         for plugin in &plugins {
@@ -240,8 +250,12 @@ impl ProxyHttp for Gateway {
             .failure
             .clone()
             .or_else(|| GatewayError::from_proxy_error(e, service));
+        // Pingora closes the client connection after a failed proxy attempt
+        // whatever this hook says: announce it, so clients do not reuse it.
+        session.set_keepalive(None);
         let code = match failure {
-            // Once the response has started, the status is sent: close.
+            // Once the response has started, its status is on the wire:
+            // all that is left is to close.
             Some(failure) if session.response_written().is_none() => {
                 let status = failure.status().as_u16();
                 if let Err(err) = errors::respond(session, &failure, &ctx.request_id).await {

@@ -83,6 +83,11 @@ impl Upstream {
         self.instance(*backend.addr.as_inet()?)
     }
 
+    /// Whether any instance is in rotation.
+    pub fn any_ready(&self) -> bool {
+        self.instances.iter().any(|i| i.is_ready())
+    }
+
     /// Whether any instance other than those in `exclude` is in rotation.
     pub fn has_other_ready(&self, exclude: &[SocketAddr]) -> bool {
         self.instances

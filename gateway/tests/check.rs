@@ -1,0 +1,88 @@
+//! `gateway check FILE...`: the same validation as start-up and reload,
+//! every error printed as FILE:LINE:COLUMN, exit status 2 on any error.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::process::Command;
+
+const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+
+#[test]
+fn the_repository_configuration_is_valid() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway.yaml");
+    let output = Command::new(GATEWAY)
+        .args(["check", file])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("ok (3 services, 3 routes)"));
+}
+
+#[test]
+fn every_error_is_printed_with_its_place_and_the_exit_status_is_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        "listen: \"127.0.0.1:8000\"
+services:
+  users: { instances: [\"127.0.0.1:8001\"] }
+routes:
+  - { prefix: /api/users, service: usres }
+  - { prefix: /api/users, service: users }
+",
+    )
+    .unwrap();
+    let output = Command::new(GATEWAY)
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let name = file.display();
+    assert!(
+        stderr.contains(&format!("{name}:5:")) && stderr.contains("unknown service \"usres\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{name}:6:")) && stderr.contains("already used"),
+        "{stderr}"
+    );
+
+    std::fs::write(&file, "listen: [unclosed\n").unwrap();
+    let output = Command::new(GATEWAY)
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&format!("{name}:")));
+
+    let missing = dir.path().join("missing.yaml");
+    let output = Command::new(GATEWAY)
+        .arg("check")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read the file"));
+}
+
+#[test]
+fn an_invalid_configuration_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(&file, "listen: nowhere\nservices: {}\nroutes: []\n").unwrap();
+    let output = Command::new(GATEWAY)
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("listen \"nowhere\""));
+}

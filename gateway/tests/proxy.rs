@@ -1,0 +1,448 @@
+//! The gateway end to end: real backends and the real gateway binary on
+//! loopback, port 0. Routing, balancing, health, streaming, errors, headers.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{Backend, FAST_HEALTH, GatewayProcess, instance_healthy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn get_json(url: &str) -> (u16, Value) {
+    let response = client().get(url).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn routes_by_segment_prefix_and_strips_it() {
+    let users = Backend::start("users");
+    let other = Backend::start("other");
+    let gateway = GatewayProcess::start(&format!(
+        "services:
+  users: {{ instances: [\"{}\"] }}
+  other: {{ instances: [\"{}\"] }}
+routes:
+  - {{ prefix: /api/users, service: users, strip_prefix: /api }}
+  - {{ prefix: /api, service: other }}
+",
+        users.addr, other.addr
+    ))
+    .await;
+
+    let (status, seen) = get_json(&gateway.url("/api/users/7?expand=true&x=%20")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (seen["backend"].as_str(), seen["uri"].as_str()),
+        (Some("users"), Some("/users/7?expand=true&x=%20"))
+    );
+    let (_, seen) = get_json(&gateway.url("/api/users")).await;
+    assert_eq!(
+        (seen["backend"].as_str(), seen["uri"].as_str()),
+        (Some("users"), Some("/users"))
+    );
+    // Not a segment boundary: falls to the shorter /api route, unstripped.
+    let (_, seen) = get_json(&gateway.url("/api/usersX")).await;
+    assert_eq!(
+        (seen["backend"].as_str(), seen["uri"].as_str()),
+        (Some("other"), Some("/api/usersX"))
+    );
+
+    let response = client().get(gateway.url("/nowhere")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"detail": "No route for this path", "request_id": id})
+    );
+}
+
+#[tokio::test]
+async fn round_robin_spreads_requests_evenly() {
+    let backends: Vec<Backend> = (0..3).map(|i| Backend::start(&format!("b{i}"))).collect();
+    let instances: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+    let gateway = GatewayProcess::start(&format!(
+        "services:\n  s: {{ instances: [{}] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        instances.join(", ")
+    ))
+    .await;
+    for _ in 0..300 {
+        assert_eq!(
+            client()
+                .get(gateway.url("/x"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let hits: Vec<u64> = backends.iter().map(Backend::hits).collect();
+    assert_eq!(hits, [100, 100, 100]);
+}
+
+#[tokio::test]
+async fn a_failing_instance_leaves_rotation_and_comes_back() {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let gateway = GatewayProcess::start(&format!(
+        "{FAST_HEALTH}services:\n  s: {{ instances: [\"{}\", \"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        a.addr, b.addr
+    ))
+    .await;
+    let a_addr = a.addr.to_string();
+
+    a.set_healthy(false);
+    // interval × unhealthy_threshold = 100 ms, plus one probe timeout.
+    let took = gateway
+        .wait_for_services(Duration::from_secs(2), |s| {
+            instance_healthy(s, &a_addr) == Some(false)
+        })
+        .await;
+    assert!(
+        took < Duration::from_millis(600),
+        "left rotation after {took:?}"
+    );
+    let before = a.hits();
+    for _ in 0..20 {
+        let (_, seen) = get_json(&gateway.url("/x")).await;
+        assert_eq!(seen["backend"], "b");
+    }
+    assert_eq!(a.hits(), before);
+
+    a.set_healthy(true);
+    let took = gateway
+        .wait_for_services(Duration::from_secs(2), |s| {
+            instance_healthy(s, &a_addr) == Some(true)
+        })
+        .await;
+    assert!(
+        took < Duration::from_millis(600),
+        "back in rotation after {took:?}"
+    );
+    for _ in 0..20 {
+        client().get(gateway.url("/x")).send().await.unwrap();
+    }
+    assert_eq!(a.hits(), before + 10, "even split again");
+}
+
+#[tokio::test]
+async fn all_instances_down_is_a_fast_503_and_recovery_follows() {
+    let a = Backend::start("a");
+    let addr = a.addr;
+    let gateway = GatewayProcess::start(&format!(
+        "{FAST_HEALTH}services:\n  s: {{ instances: [\"{addr}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n"
+    ))
+    .await;
+    a.kill();
+    gateway
+        .wait_for_services(Duration::from_secs(2), |s| {
+            instance_healthy(s, &addr.to_string()) == Some(false)
+        })
+        .await;
+    let http = client();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let response = http.get(gateway.url("/x")).send().await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(response.status(), 503);
+        assert!(took < Duration::from_millis(100), "503 took {took:?}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["detail"], "No healthy instance of s");
+    }
+    let (status, health) = get_json(&gateway.url("/health")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        health,
+        json!({"gateway": "healthy", "services": {"s": false}, "overall_healthy": false})
+    );
+
+    let _back = Backend::start_on("a", addr);
+    gateway
+        .wait_for_services(Duration::from_secs(2), |s| {
+            instance_healthy(s, &addr.to_string()) == Some(true)
+        })
+        .await;
+    assert_eq!(
+        http.get(gateway.url("/x")).send().await.unwrap().status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn health_and_services_describe_every_instance() {
+    let a = Backend::start("a");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gateway = GatewayProcess::start(&format!(
+        "{FAST_HEALTH}services:\n  up: {{ instances: [\"{}\"] }}\n  down: {{ instances: [\"{dead}\"] }}\nroutes:\n  - {{ prefix: /up, service: up }}\n  - {{ prefix: /down, service: down }}\n",
+        a.addr
+    ))
+    .await;
+    // The first check ran before the gateway listened: no "unknown" left.
+    let (_, health) = get_json(&gateway.url("/health")).await;
+    assert_eq!(
+        health,
+        json!({"gateway": "healthy", "services": {"up": true, "down": false}, "overall_healthy": false})
+    );
+    let (_, services) = get_json(&gateway.url("/services")).await;
+    let list = services["services"].as_array().unwrap();
+    let up = list.iter().find(|s| s["name"] == "up").unwrap();
+    assert_eq!(up["url"], format!("http://{}", a.addr));
+    assert_eq!(up["healthy"], true);
+    assert_eq!(
+        up["instances"],
+        json!([{"address": a.addr.to_string(), "healthy": true, "status": "healthy"}])
+    );
+    let down = list.iter().find(|s| s["name"] == "down").unwrap();
+    assert_eq!(down["instances"][0]["status"], "unhealthy");
+    assert!(down["instances"][0]["last_error"].is_string(), "{down}");
+}
+
+#[tokio::test]
+async fn a_streamed_response_arrives_chunk_by_chunk() {
+    let a = Backend::start("a");
+    let gateway = GatewayProcess::start(&format!(
+        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        a.addr
+    ))
+    .await;
+    let started = Instant::now();
+    // 4 chunks, 400 ms apart: the whole answer takes 1.2 s.
+    let mut response = client()
+        .get(gateway.url("/stream/4/400"))
+        .send()
+        .await
+        .unwrap();
+    let first = response.chunk().await.unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert_eq!(&first[..], b"chunk 0\n");
+    assert!(
+        first_at < Duration::from_millis(350),
+        "first chunk after {first_at:?}"
+    );
+    let mut rest = Vec::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, b"chunk 1\nchunk 2\nchunk 3\n");
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+}
+
+#[tokio::test]
+async fn a_large_upload_streams_through_without_growing_memory() {
+    const SIZE: u64 = 256 * 1024 * 1024;
+    let a = Backend::start("a");
+    let gateway = GatewayProcess::start(&format!(
+        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        a.addr
+    ))
+    .await;
+    let rss_before = gateway.memory_kib("VmRSS");
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: test\r\ncontent-type: application/octet-stream\r\ncontent-length: {SIZE}\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![0xA5u8; 256 * 1024];
+    for _ in 0..SIZE / chunk.len() as u64 {
+        stream.write_all(&chunk).await.unwrap();
+    }
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with(&format!("{{\"bytes\":{SIZE}}}")),
+        "{answer}"
+    );
+    let peak = gateway.memory_kib("VmHWM");
+    let growth_mib = peak.saturating_sub(rss_before) / 1024;
+    assert!(
+        growth_mib < 48,
+        "gateway memory grew by {growth_mib} MiB for a 256 MiB upload"
+    );
+}
+
+#[tokio::test]
+async fn any_body_and_any_status_pass_untouched() {
+    let a = Backend::start("a");
+    let gateway = GatewayProcess::start(&format!(
+        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        a.addr
+    ))
+    .await;
+    let binary: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    let response = client()
+        .post(gateway.url("/echo"))
+        .header("content-type", "application/x-custom")
+        .body(binary.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-custom");
+    assert_eq!(response.bytes().await.unwrap().to_vec(), binary);
+
+    let response = client()
+        .post(gateway.url("/echo"))
+        .body("not json {")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.text().await.unwrap(), "not json {");
+
+    let response = client()
+        .get(gateway.url("/status/418"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 418);
+    assert_eq!(response.headers()["content-type"], "text/plain");
+    assert_eq!(response.text().await.unwrap(), "teapot body");
+    let response = client()
+        .get(gateway.url("/status/500"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        500,
+        "an upstream 500 is the upstream's answer"
+    );
+    assert_eq!(response.text().await.unwrap(), "teapot body");
+}
+
+#[tokio::test]
+async fn forwarding_headers_request_ids_and_hop_by_hop() {
+    let a = Backend::start("a");
+    let gateway = GatewayProcess::start(&format!(
+        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        a.addr
+    ))
+    .await;
+    let response = client()
+        .get(gateway.url("/x"))
+        .header("host", "shop.example")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-request-id", "client-id-1")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "client-id-1");
+    let seen: Value = response.json().await.unwrap();
+    let headers = &seen["headers"];
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], "shop.example");
+    assert_eq!(headers["x-request-id"], "client-id-1");
+    assert!(
+        headers.get("x-hop").is_none(),
+        "hop-by-hop header forwarded: {headers}"
+    );
+
+    let response = client()
+        .get(gateway.url("/x"))
+        .header("x-request-id", "no spaces allowed")
+        .send()
+        .await
+        .unwrap();
+    let returned = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(returned.len(), 32, "a fresh id replaces an insane one");
+    let seen: Value = response.json().await.unwrap();
+    assert_eq!(seen["headers"]["x-request-id"], returned);
+}
+
+#[tokio::test]
+async fn the_headers_plugin_edits_both_directions() {
+    let a = Backend::start("a");
+    let gateway = GatewayProcess::start(&format!(
+        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:
+  - prefix: /
+    service: s
+    plugins:
+      - headers:
+          request: {{ set: {{ x-team: shop }}, remove: [cookie] }}
+          response: {{ set: {{ cache-control: no-store }} }}
+",
+        a.addr
+    ))
+    .await;
+    let response = client()
+        .get(gateway.url("/x"))
+        .header("cookie", "session=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let seen: Value = response.json().await.unwrap();
+    assert_eq!(seen["headers"]["x-team"], "shop");
+    assert!(seen["headers"].get("cookie").is_none());
+}
+
+#[tokio::test]
+async fn connect_failures_are_502_and_slow_upstreams_504() {
+    let a = Backend::start("a");
+    let slow = Backend::start("slow");
+    // Health checks far apart, so the dead instance is still "healthy".
+    let gateway = GatewayProcess::start(&format!(
+        "health_check: {{ interval: 60s }}
+services:
+  s: {{ instances: [\"{}\"] }}
+  slow: {{ instances: [\"{}\"], timeouts: {{ read: 300ms }} }}
+routes:
+  - {{ prefix: /s, service: s }}
+  - {{ prefix: /slow, service: slow }}
+",
+        a.addr, slow.addr
+    ))
+    .await;
+    a.kill();
+    let response = client().get(gateway.url("/s/x")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["detail"], "Could not connect to s");
+
+    let started = Instant::now();
+    let response = client()
+        .get(gateway.url("/slow/2000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["detail"], "slow did not answer in time");
+}
+
+#[tokio::test]
+async fn a_connect_failure_is_retried_on_another_instance() {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let gateway = GatewayProcess::start(&format!(
+        "health_check: {{ interval: 60s }}\nservices:\n  s: {{ instances: [\"{}\", \"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        a.addr, b.addr
+    ))
+    .await;
+    a.kill();
+    for _ in 0..10 {
+        let (status, seen) = get_json(&gateway.url("/x")).await;
+        assert_eq!((status, seen["backend"].as_str()), (200, Some("b")));
+    }
+}

@@ -1,0 +1,370 @@
+//! Test kit for the gateway's end-to-end tests: real backends (axum, each on
+//! its own runtime so it can be killed outright) on 127.0.0.1 port 0, and
+//! the real gateway binary started on a configuration written to a temp dir.
+
+#![allow(dead_code, clippy::unwrap_used)] // Each test file uses part of it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use serde_json::{Value, json};
+
+pub const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+
+#[derive(Clone)]
+struct BackendState {
+    name: String,
+    healthy: Arc<AtomicBool>,
+    hits: Arc<AtomicU64>,
+}
+
+/// An HTTP backend on its own runtime. Answers:
+/// - `GET /health`: 200, or 503 after `set_healthy(false)`;
+/// - `POST /upload`: reads the body as it streams, answers `{"bytes": n}`;
+/// - `POST /echo`: the body back, with the request's content type;
+/// - `GET /stream/{chunks}/{millis}`: `chunks` chunks, `millis` apart;
+/// - `GET /slow/{millis}`: answers after `millis`;
+/// - `GET /status/{code}`: that status, a plain-text body;
+/// - anything else: `{"backend", "method", "uri", "headers"}`.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    healthy: Arc<AtomicBool>,
+    hits: Arc<AtomicU64>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Backend {
+    pub fn start(name: &str) -> Backend {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::serve(name, listener)
+    }
+
+    /// A backend on a given address (e.g. a restarted one).
+    pub fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(listener) => return Self::serve(name, listener),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(err) => panic!("cannot rebind {addr}: {err}"),
+            }
+        }
+    }
+
+    fn serve(name: &str, listener: std::net::TcpListener) -> Backend {
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = BackendState {
+            name: name.to_owned(),
+            healthy: Arc::new(AtomicBool::new(true)),
+            hits: Arc::new(AtomicU64::new(0)),
+        };
+        let app = Router::new()
+            .route("/health", get(health))
+            .route("/upload", post(upload))
+            .route("/echo", post(echo))
+            .route("/stream/{chunks}/{millis}", get(stream))
+            .route("/slow/{millis}", get(slow))
+            .route("/status/{code}", get(status))
+            .fallback(any(describe))
+            .with_state(state.clone());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+        Backend {
+            addr,
+            name: name.to_owned(),
+            healthy: state.healthy,
+            hits: state.hits,
+            runtime: Some(runtime),
+        }
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// Requests served, health checks excluded.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Stops the backend outright: listener and every connection closed.
+    pub fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+async fn health(State(state): State<BackendState>) -> StatusCode {
+    if state.healthy.load(Ordering::SeqCst) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn upload(State(state): State<BackendState>, request: Request) -> axum::Json<Value> {
+    use http_body_util::BodyExt;
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let mut body = request.into_body();
+    let mut bytes = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            bytes += data.len() as u64;
+        }
+    }
+    axum::Json(json!({ "bytes": bytes }))
+}
+
+async fn echo(State(state): State<BackendState>, headers: HeaderMap, body: Bytes) -> Response {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let mut response = body.into_response();
+    if let Some(content_type) = headers.get("content-type") {
+        response
+            .headers_mut()
+            .insert("content-type", content_type.clone());
+    }
+    response
+}
+
+async fn stream(
+    State(state): State<BackendState>,
+    Path((chunks, millis)): Path<(u32, u64)>,
+) -> Response {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    tokio::spawn(async move {
+        for i in 0..chunks {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+            }
+            if tx
+                .send(Ok(Bytes::from(format!("chunk {i}\n"))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream_from(rx));
+    Response::builder()
+        .header("content-type", "text/plain")
+        .body(body)
+        .unwrap()
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn slow(State(state): State<BackendState>, Path(millis): Path<u64>) -> &'static str {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    "slow answer"
+}
+
+async fn status(State(state): State<BackendState>, Path(code): Path<u16>) -> Response {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    (
+        StatusCode::from_u16(code).unwrap(),
+        [("content-type", "text/plain")],
+        "teapot body",
+    )
+        .into_response()
+}
+
+async fn describe(State(state): State<BackendState>, request: Request) -> axum::Json<Value> {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let headers: serde_json::Map<String, Value> = request
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                Value::String(v.to_str().unwrap_or("?").to_owned()),
+            )
+        })
+        .collect();
+    axum::Json(json!({
+        "backend": state.name,
+        "method": request.method().as_str(),
+        "uri": request.uri().to_string(),
+        "headers": headers,
+    }))
+}
+
+/// A port that was free a moment ago (the gateway binds it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real gateway binary running on a configuration in a temp dir.
+pub struct GatewayProcess {
+    pub addr: SocketAddr,
+    pub config_path: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts the gateway on `body` (the configuration without `listen`,
+    /// which is added on a free port) and waits until `/health` answers.
+    pub async fn start(body: &str) -> GatewayProcess {
+        for _ in 0..3 {
+            if let Some(gateway) = Self::try_start(body).await {
+                return gateway;
+            }
+        }
+        panic!("gateway did not start");
+    }
+
+    async fn try_start(body: &str) -> Option<GatewayProcess> {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, format!("listen: \"{addr}\"\n{body}")).unwrap();
+        let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        let child = Command::new(GATEWAY)
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("GATEWAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut gateway = GatewayProcess {
+            addr,
+            config_path,
+            child,
+            _dir: dir,
+        };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = gateway.child.try_wait() {
+                eprintln!("gateway exited early:\n{}", gateway.log());
+                return None;
+            }
+            if let Ok(response) = client.get(gateway.url("/health")).send().await
+                && response.status().is_success()
+            {
+                return Some(gateway);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("gateway did not answer /health in 20 s:\n{}", gateway.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the gateway printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find(|line| line.starts_with(field))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    }
+
+    /// Polls `GET /services` until `predicate` holds, or panics after
+    /// `limit`. Returns how long it took.
+    pub async fn wait_for_services(
+        &self,
+        limit: Duration,
+        predicate: impl Fn(&Value) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        let client = reqwest::Client::new();
+        loop {
+            let services: Value = client
+                .get(self.url("/services"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if predicate(&services) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "condition not met in {limit:?}: {services}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The health state of `address` in a `/services` answer.
+pub fn instance_healthy(services: &Value, address: &str) -> Option<bool> {
+    services["services"]
+        .as_array()?
+        .iter()
+        .flat_map(|s| s["instances"].as_array().into_iter().flatten())
+        .find(|i| i["address"] == address)
+        .and_then(|i| i["healthy"].as_bool())
+}
+
+/// A fast health-check block for tests: 50 ms apart, thresholds of 2.
+pub const FAST_HEALTH: &str = "health_check: { interval: 50ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }\n";
