@@ -17,6 +17,7 @@
 //! - [`errors`]: the one mapping from failures to status and JSON body.
 //! - [`server`]: start-up and the Pingora server.
 
+pub mod admin;
 pub mod config;
 pub mod discovery;
 pub mod endpoints;
@@ -25,6 +26,7 @@ pub mod forwarding;
 pub mod health;
 pub mod plugins;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod snapshot;

@@ -1,18 +1,20 @@
 //! Putting the gateway together: load the configuration, start the control
-//! plane (health probers), wait for the first checks, then hand the proxy
-//! service to Pingora's server, which runs until a signal.
+//! plane (health probers, reload triggers, admin listener), wait for the
+//! first checks, then hand the proxy service to Pingora's server, which runs
+//! until a signal.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use pingora::prelude::Server;
 use pingora::server::configuration::ServerConf;
 
+use crate::admin;
 use crate::config::{self, Config};
 use crate::health::HealthRegistry;
 use crate::proxy::Gateway;
+use crate::reload::{self, Reloader};
 use crate::snapshot::{CurrentSnapshot, Snapshot};
 
 /// Seconds Pingora lets in-flight requests run after SIGTERM before it
@@ -22,14 +24,13 @@ const SHUTDOWN_GRACE_SECONDS: u64 = 3;
 const RUNTIME_SHUTDOWN_SECONDS: u64 = 2;
 /// Retries of one request (on connect failures to other instances).
 const MAX_RETRIES: usize = 2;
-/// Extra time, beyond the slowest health-check timeout, that start-up
-/// waits for the first round of checks.
-const FIRST_CHECK_MARGIN: Duration = Duration::from_millis(200);
 
 /// Runs the gateway on the configuration at `path` until it is told to
 /// stop. Exit status 2 for an invalid configuration, 1 for any other
 /// start-up failure.
 pub fn run(path: &Path) -> ExitCode {
+    // The bytes the first version comes from: a reload compares with them.
+    let loaded_bytes = std::fs::read(path).ok();
     let config = match config::load(path) {
         Ok(config) => config,
         Err(errors) => {
@@ -51,7 +52,6 @@ pub fn run(path: &Path) -> ExitCode {
         }
     };
     let registry = Arc::new(HealthRegistry::new(control.handle().clone()));
-    let first_wait = first_check_wait(&config);
     let snapshot = match control.block_on(Snapshot::build(config.clone(), 1, &registry)) {
         Ok(snapshot) => snapshot,
         Err(err) => {
@@ -59,8 +59,34 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    control.block_on(registry.first_checks_done(first_wait));
+    control.block_on(registry.first_checks_done(reload::first_check_wait(&config)));
     let current = Arc::new(CurrentSnapshot::new(snapshot));
+    let reloader = Arc::new(Reloader::new(
+        path,
+        Arc::clone(&current),
+        registry,
+        loaded_bytes,
+    ));
+    if let Err(err) = reloader.spawn_triggers(control.handle()) {
+        tracing::error!(error = %err, "cannot watch the configuration file");
+        return ExitCode::FAILURE;
+    }
+    if let Some(admin) = config.admin_listen {
+        let listener = match control.block_on(tokio::net::TcpListener::bind(admin)) {
+            Ok(listener) => listener,
+            Err(err) => {
+                tracing::error!("cannot listen on {admin} (admin_listen): {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let app = admin::router(Arc::clone(&reloader));
+        control.spawn(async move {
+            if let Err(err) = axum::serve(listener, app).await {
+                tracing::error!(error = %err, "admin listener failed");
+            }
+        });
+        tracing::info!("admin listening on http://{admin}");
+    }
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
     server.bootstrap();
@@ -74,7 +100,6 @@ pub fn run(path: &Path) -> ExitCode {
     proxy.add_tcp(&config.listen.to_string());
     server.add_service(proxy);
     tracing::info!(
-        listen = %config.listen,
         threads = config.threads,
         services = config.services.len(),
         routes = config.routes.len(),
@@ -85,16 +110,6 @@ pub fn run(path: &Path) -> ExitCode {
     drop(control);
     tracing::info!("gateway stopped");
     ExitCode::SUCCESS
-}
-
-fn first_check_wait(config: &Config) -> Duration {
-    config
-        .services
-        .iter()
-        .map(|s| s.health.timeout)
-        .max()
-        .unwrap_or_default()
-        + FIRST_CHECK_MARGIN
 }
 
 fn server_conf(config: &Config) -> ServerConf {

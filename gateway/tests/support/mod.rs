@@ -237,14 +237,16 @@ pub fn free_port() -> u16 {
 /// The real gateway binary running on a configuration in a temp dir.
 pub struct GatewayProcess {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub config_path: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl GatewayProcess {
-    /// Starts the gateway on `body` (the configuration without `listen`,
-    /// which is added on a free port) and waits until `/health` answers.
+    /// Starts the gateway on `body` (the configuration without `listen` and
+    /// `admin_listen`, which are added on free ports) and waits until
+    /// `/health` answers.
     pub async fn start(body: &str) -> GatewayProcess {
         for _ in 0..3 {
             if let Some(gateway) = Self::try_start(body).await {
@@ -257,8 +259,9 @@ impl GatewayProcess {
     async fn try_start(body: &str) -> Option<GatewayProcess> {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let config_path = dir.path().join("gateway.yaml");
-        std::fs::write(&config_path, format!("listen: \"{addr}\"\n{body}")).unwrap();
+        std::fs::write(&config_path, Self::file_text(addr, admin, body)).unwrap();
         let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
         let child = Command::new(GATEWAY)
             .arg("--config")
@@ -274,6 +277,7 @@ impl GatewayProcess {
             .unwrap();
         let mut gateway = GatewayProcess {
             addr,
+            admin,
             config_path,
             child,
             _dir: dir,
@@ -295,8 +299,56 @@ impl GatewayProcess {
         panic!("gateway did not answer /health in 20 s:\n{}", gateway.log());
     }
 
+    fn file_text(addr: SocketAddr, admin: SocketAddr, body: &str) -> String {
+        format!("listen: \"{addr}\"\nadmin_listen: \"{admin}\"\n{body}")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Replaces the configuration with `body` (listen addresses kept) the
+    /// way editors do: a temp file renamed over it.
+    pub fn write_config(&self, body: &str) {
+        self.write_raw(&Self::file_text(self.addr, self.admin, body));
+    }
+
+    /// Replaces the file with exactly `text`, atomically.
+    pub fn write_raw(&self, text: &str) {
+        let temp = self.config_path.with_extension("yaml.tmp");
+        std::fs::write(&temp, text).unwrap();
+        std::fs::rename(&temp, &self.config_path).unwrap();
+    }
+
+    /// `GET /admin/config`.
+    pub async fn admin_config(&self) -> Value {
+        reqwest::get(self.admin_url("/admin/config"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the last reload attempt is newer than `previous` (its
+    /// `at`), or panics after 3 s; returns it.
+    pub async fn next_reload(&self, previous: &Value) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let last = self.admin_config().await["last_reload"].clone();
+            if !last.is_null() && last["at"] != previous["at"] {
+                return last;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reload attempt seen after {previous}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,109 @@
+//! The admin listener (`admin_listen`, loopback by default; never the
+//! public port): what version is running and how the last reload went.
+//!
+//! - `GET /admin/config`: the running version, when it was loaded, its
+//!   services and routes, and the last reload attempt with its outcome
+//!   (errors with line and column, settings that need a restart).
+//! - `POST /admin/reload`: reload now, even if the file did not change;
+//!   answers the outcome (422 if the file was rejected).
+//!
+//! Served by axum on the control runtime, away from the proxy's threads.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::reload::{Attempt, Outcome, Reloader, Trigger};
+
+pub fn router(reloader: Arc<Reloader>) -> Router {
+    Router::new()
+        .route("/admin/config", get(config))
+        .route("/admin/reload", post(reload))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"detail": "Not Found"})),
+            )
+        })
+        .with_state(reloader)
+}
+
+fn time(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn outcome_json(outcome: &Outcome) -> Value {
+    match outcome {
+        Outcome::Applied {
+            version,
+            restart_required,
+        } => json!({"result": "applied", "version": version, "restart_required": restart_required}),
+        Outcome::Unchanged { version } => json!({"result": "unchanged", "version": version}),
+        Outcome::Rejected(errors) => json!({
+            "result": "rejected",
+            "errors": errors.errors.iter().map(|e| json!({
+                "file": errors.file, "line": e.line, "column": e.column, "message": e.message,
+            })).collect::<Vec<_>>(),
+            "message": errors.to_string(),
+        }),
+        Outcome::Failed(reason) => json!({"result": "failed", "message": reason}),
+    }
+}
+
+fn attempt_json(attempt: &Attempt) -> Value {
+    let mut value = outcome_json(&attempt.outcome);
+    value["at"] = Value::String(time(attempt.at));
+    value["trigger"] = Value::String(attempt.trigger.as_str().to_owned());
+    value["took_ms"] = json!(attempt.took.as_secs_f64() * 1000.0);
+    value
+}
+
+async fn config(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
+    let snapshot = reloader.current().load();
+    let routes: Vec<Value> = snapshot
+        .config
+        .routes
+        .iter()
+        .map(|r| json!({"prefix": r.prefix, "service": r.service, "strip_prefix": r.strip_prefix}))
+        .collect();
+    let services: Vec<Value> = snapshot
+        .config
+        .services
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "instances": s.instances.iter().map(|i| i.address.as_str()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "file": reloader.path().display().to_string(),
+        "version": snapshot.version,
+        "loaded_at": time(snapshot.loaded_at),
+        "listen": snapshot.config.listen.to_string(),
+        "services": services,
+        "routes": routes,
+        "last_reload": reloader.last_attempt().as_ref().map(attempt_json),
+    }))
+}
+
+async fn reload(State(reloader): State<Arc<Reloader>>) -> Response {
+    match reloader.reload(Trigger::Admin).await {
+        Some(outcome) => {
+            let status = match outcome {
+                Outcome::Applied { .. } | Outcome::Unchanged { .. } => StatusCode::OK,
+                Outcome::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                Outcome::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (status, axum::Json(outcome_json(&outcome))).into_response()
+        }
+        None => (StatusCode::OK, axum::Json(json!({"result": "unchanged"}))).into_response(),
+    }
+}
