@@ -26,6 +26,8 @@ struct BackendState {
     name: String,
     healthy: Arc<AtomicBool>,
     hits: Arc<AtomicU64>,
+    /// Client ports seen by the catch-all handler: one per connection.
+    peers: Arc<std::sync::Mutex<std::collections::HashSet<u16>>>,
 }
 
 /// An HTTP backend on its own runtime. Answers:
@@ -41,6 +43,7 @@ pub struct Backend {
     pub name: String,
     healthy: Arc<AtomicBool>,
     hits: Arc<AtomicU64>,
+    peers: Arc<std::sync::Mutex<std::collections::HashSet<u16>>>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -71,6 +74,7 @@ impl Backend {
             name: name.to_owned(),
             healthy: Arc::new(AtomicBool::new(true)),
             hits: Arc::new(AtomicU64::new(0)),
+            peers: Arc::default(),
         };
         let app = Router::new()
             .route("/health", get(health))
@@ -88,6 +92,7 @@ impl Backend {
             .unwrap();
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             axum::serve(listener, app).await.unwrap();
         });
         Backend {
@@ -95,6 +100,7 @@ impl Backend {
             name: name.to_owned(),
             healthy: state.healthy,
             hits: state.hits,
+            peers: state.peers,
             runtime: Some(runtime),
         }
     }
@@ -106,6 +112,11 @@ impl Backend {
     /// Requests served, health checks excluded.
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Distinct connections that reached the catch-all handler.
+    pub fn connections(&self) -> usize {
+        self.peers.lock().unwrap().len()
     }
 
     /// Stops the backend outright: listener and every connection closed.
@@ -205,8 +216,13 @@ async fn status(State(state): State<BackendState>, Path(code): Path<u16>) -> Res
         .into_response()
 }
 
-async fn describe(State(state): State<BackendState>, request: Request) -> axum::Json<Value> {
+async fn describe(
+    State(state): State<BackendState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    request: Request,
+) -> axum::Json<Value> {
     state.hits.fetch_add(1, Ordering::SeqCst);
+    state.peers.lock().unwrap().insert(peer.port());
     let headers: serde_json::Map<String, Value> = request
         .headers()
         .iter()
