@@ -79,7 +79,7 @@ async fn config(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
         .map(|s| {
             json!({
                 "name": s.name,
-                "instances": s.instances.iter().map(|i| i.address.as_str()).collect::<Vec<_>>(),
+                "instances": s.instances,
             })
         })
         .collect();

@@ -34,7 +34,8 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{HealthSettings, Instance};
+use crate::config::HealthSettings;
+use crate::discovery::Instance;
 
 /// What the last checks concluded about an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, Instance};
-use crate::discovery::{self, DiscoveryError};
+use crate::config::Config;
+use crate::discovery::{self, DiscoveryError, Instance};
 use crate::health::HealthRegistry;
 use crate::plugins::{self, PluginChain};
 use crate::routing::RouteTable;

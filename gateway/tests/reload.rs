@@ -336,7 +336,10 @@ async fn sighup_and_the_admin_endpoint_reload_and_listen_changes_are_reported() 
 async fn kept_instances_keep_their_pooled_connections() {
     let a = Backend::start("a");
     let body = |prefix: &str| {
-        format!("{HEALTH}services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: {prefix}, service: s }}\n", a.addr)
+        format!(
+            "{HEALTH}services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: {prefix}, service: s }}\n",
+            a.addr
+        )
     };
     let gateway = GatewayProcess::start(&body("/")).await;
     let http = reqwest::Client::new();
@@ -345,7 +348,10 @@ async fn kept_instances_keep_their_pooled_connections() {
     }
     let before = a.connections();
     let last = gateway.admin_config().await["last_reload"].clone();
-    gateway.write_config(&format!("{}  - {{ prefix: /other, service: s }}\n", body("/")));
+    gateway.write_config(&format!(
+        "{}  - {{ prefix: /other, service: s }}\n",
+        body("/")
+    ));
     assert_eq!(gateway.next_reload(&last).await["result"], "applied");
     for _ in 0..5 {
         assert_eq!(who(&http, &gateway.url("/x")).await, "a");

@@ -71,19 +71,12 @@ impl Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
-    /// Where the instances come from; today always the static list.
-    pub instances: Vec<Instance>,
+    /// The instances as written (`ip:port` or `host:port`); discovery
+    /// resolves them when a version is built.
+    pub instances: Vec<String>,
     pub load_balancing: LoadBalancing,
     pub health: HealthSettings,
     pub timeouts: Timeouts,
-}
-
-/// One upstream instance: the address as written and where it resolved.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Instance {
-    /// As written in the file, e.g. `127.0.0.1:8001` or `users:8001`.
-    pub address: String,
-    pub socket: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,8 +159,10 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Reads, parses and validates the file at `path`. Resolves host names in
-/// instance addresses (blocking DNS): call it off the request path.
+/// Reads, parses and validates the file at `path`. May resolve the listen
+/// addresses (blocking): call it off the request path. Instance host names
+/// are not resolved here but by discovery, so a file's validity does not
+/// depend on the DNS of the machine checking it.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|err| ConfigErrors {

@@ -14,7 +14,7 @@ use super::raw::{
     RawService, RawTimeouts,
 };
 use super::{
-    Config, ConfigError, HeaderEdits, HeadersPluginConfig, HealthSettings, Instance, PluginConfig,
+    Config, ConfigError, HeaderEdits, HeadersPluginConfig, HealthSettings, PluginConfig,
     RouteConfig, ServiceConfig, Timeouts, defaults,
 };
 
@@ -99,17 +99,37 @@ fn socket_addr(value: &Spanned<String>, what: &str, problems: &mut Problems) -> 
     }
 }
 
-/// `ip:port` or `host:port` (resolved now, first address wins).
-fn resolve(text: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
+/// Checks the form `ip:port`, `[ipv6]:port` or `host:port`, without DNS.
+pub fn host_port(text: &str) -> Result<(), String> {
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(());
     }
     let Some((host, port)) = text.rsplit_once(':') else {
         return Err("expected host:port".to_owned());
     };
-    if host.is_empty() || port.parse::<u16>().is_err() {
+    if port.parse::<u16>().is_err() {
         return Err("expected host:port with a port from 0 to 65535".to_owned());
     }
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if !host_ok {
+        return Err(
+            "expected host:port (a host name of letters, digits, '-', '_' and '.')".to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// `ip:port` or `host:port` (resolved now, first address wins).
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    host_port(text)?;
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let host = text.rsplit_once(':').map_or(text, |(host, _)| host);
     let mut addrs = text
         .to_socket_addrs()
         .map_err(|err| format!("cannot resolve {host:?}: {err}"))?;
@@ -216,13 +236,16 @@ fn service_config(
             format!("service {name}: at least one instance is required"),
         );
     }
-    let mut instances: Vec<Instance> = Vec::with_capacity(raw.instances.value.len());
+    let mut instances: Vec<String> = Vec::with_capacity(raw.instances.value.len());
     for address in &raw.instances.value {
-        let Some(socket) = socket_addr(address, &format!("service {name}: instance"), problems)
-        else {
+        if let Err(why) = host_port(&address.value) {
+            problems.at(
+                address,
+                format!("service {name}: instance {:?}: {why}", address.value),
+            );
             continue;
-        };
-        if instances.iter().any(|i| i.socket == socket) {
+        }
+        if instances.contains(&address.value) {
             problems.at(
                 address,
                 format!(
@@ -232,10 +255,7 @@ fn service_config(
             );
             continue;
         }
-        instances.push(Instance {
-            address: address.value.clone(),
-            socket,
-        });
+        instances.push(address.value.clone());
     }
     ServiceConfig {
         name: name.to_owned(),
