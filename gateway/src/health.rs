@@ -361,7 +361,7 @@ fn describe(err: &pingora::Error) -> String {
     match err.etype() {
         pingora::ErrorType::HTTPStatus(code) => format!("answered HTTP {code}"),
         other => match &err.cause {
-            Some(cause) => format!("{}: {cause}", other.as_str()),
+            Some(_) => format!("{}: {}", other.as_str(), err.root_cause()),
             None => other.as_str().to_owned(),
         },
     }

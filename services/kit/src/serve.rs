@@ -100,14 +100,15 @@ async fn log_request(request: Request, next: Next) -> Response {
         .unwrap_or("-")
         .to_owned();
     let response = next.run(request).await;
-    tracing::info!(
-        %method,
-        %path,
-        status = response.status().as_u16(),
-        micros = started.elapsed().as_micros() as u64,
-        request_id,
-        "request"
-    );
+    let status = response.status().as_u16();
+    let micros = started.elapsed().as_micros() as u64;
+    // Health probes arrive every second from every gateway: keep them out
+    // of the default log unless they fail.
+    if path == "/health" && response.status().is_success() {
+        tracing::debug!(%method, %path, status, micros, request_id, "request");
+    } else {
+        tracing::info!(%method, %path, status, micros, request_id, "request");
+    }
     response
 }
 

@@ -1,0 +1,295 @@
+//! The launcher end to end: the real stack on free ports runs the seed
+//! usage through the gateway, survives the loss of one product-service
+//! instance, and stops leaving no process behind.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+
+const STACK: &str = env!("CARGO_BIN_EXE_stack");
+const BINARIES: [&str; 4] = [
+    "user-service",
+    "product-service",
+    "order-service",
+    "gateway",
+];
+
+fn bin_dir() -> PathBuf {
+    Path::new(STACK).parent().unwrap().to_owned()
+}
+
+/// The other binaries live in the same target dir; `cargo test --workspace`
+/// builds them, `cargo test -p stack` may not have: build them then.
+fn ensure_binaries() {
+    if BINARIES.iter().all(|b| bin_dir().join(b).is_file()) {
+        return;
+    }
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build.args(["build", "--bins"]);
+    for binary in BINARIES {
+        build.args(["-p", binary]);
+    }
+    assert!(
+        build.status().unwrap().success(),
+        "cannot build the service binaries"
+    );
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn is_listening(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stack_runs_the_usage_survives_an_instance_loss_and_stops_cleanly() {
+    ensure_binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let [gateway, admin, users, products1, products2, orders] = [(); 6].map(|()| free_addr());
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: \"{gateway}\"
+admin_listen: \"{admin}\"
+health_check: {{ interval: 200ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 1 }}
+services:
+  user-service: {{ instances: [\"{users}\"] }}
+  product-service: {{ instances: [\"{products1}\", \"{products2}\"] }}
+  order-service: {{ instances: [\"{orders}\"] }}
+routes:
+  - {{ prefix: /api/users, service: user-service, strip_prefix: /api }}
+  - {{ prefix: /api/products, service: product-service, strip_prefix: /api }}
+  - {{ prefix: /api/orders, service: order-service, strip_prefix: /api }}
+"
+        ),
+    )
+    .unwrap();
+
+    let mut stack = tokio::process::Command::new(STACK)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let output = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut stdout = tokio::io::BufReader::new(stack.stdout.take().unwrap()).lines();
+    let mut stderr = tokio::io::BufReader::new(stack.stderr.take().unwrap()).lines();
+    let sink = Arc::clone(&output);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stdout.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let sink = Arc::clone(&output);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let started = Instant::now();
+    while !output
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("stack ready"))
+    {
+        assert!(
+            stack.try_wait().unwrap().is_none(),
+            "stack exited:\n{}",
+            output.lock().unwrap().join("\n")
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not ready in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid_of = |label: &str| -> i32 {
+        let out = output.lock().unwrap();
+        // The banner's "  LABEL  pid N  ADDRESS" line.
+        let line = out
+            .iter()
+            .find(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                words.len() > 2 && words[0] == label && words[1] == "pid"
+            })
+            .unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+
+    // The seed usage through the gateway.
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("http://{gateway}{path}");
+    let response = http
+        .post(url("/api/users"))
+        .json(
+            &json!({"username": "john_doe", "email": "john@example.com", "full_name": "John Doe"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.json::<Value>().await.unwrap()["id"], 1);
+    let products: Value = http
+        .get(url("/api/products"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(products.as_array().unwrap().len(), 3);
+    let response = http
+        .post(url("/api/orders"))
+        .json(&json!({"user_id": 1, "items": [{"product_id": 1, "quantity": 2}, {"product_id": 2, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let order: Value = response.json().await.unwrap();
+    assert_eq!(
+        (order["total"].clone(), order["status"].clone()),
+        (json!(2612.97), json!("confirmed"))
+    );
+    let laptop: Value = http
+        .get(url("/api/products/1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(laptop["stock"], 8);
+    let health: Value = http
+        .get(url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["overall_healthy"], true);
+
+    // Kill one product-service instance: product requests keep working.
+    let victim = pid_of("product-service-2");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    for _ in 0..30 {
+        let response = http.get(url("/api/products")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The launcher noticed, said so, and restarted it.
+    let restarted = Instant::now();
+    while !output
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("restarted product-service-2"))
+    {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "{}",
+            output.lock().unwrap().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        output
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("product-service-2 DIED"))
+    );
+
+    // Stop: every process goes, every port is free.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(stack.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(40), stack.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{status}:\n{}",
+        output.lock().unwrap().join("\n")
+    );
+    for addr in [gateway, admin, users, products1, products2, orders] {
+        assert!(
+            !is_listening(addr),
+            "{addr} still listening after the stack stopped"
+        );
+    }
+    // No child left: none of the binaries runs with this test's config or data.
+    let data = dir.path().display().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read_to_string(entry.path().join("cmdline")) {
+            let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let zombie = state.split_whitespace().nth(2) == Some("Z");
+            assert!(
+                zombie || !cmdline.contains(&data),
+                "left behind: {}",
+                cmdline.replace('\0', " ")
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_busy_port_is_named_and_nothing_starts() {
+    ensure_binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: \"{}\"\nservices:\n  user-service: {{ instances: [\"{busy_addr}\"] }}\nroutes:\n  - {{ prefix: /api/users, service: user-service }}\n",
+            free_addr()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(STACK)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "port {} (user-service) is already in use",
+            busy_addr.port()
+        )),
+        "{stderr}"
+    );
+}
