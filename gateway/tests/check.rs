@@ -86,3 +86,37 @@ fn an_invalid_configuration_does_not_start() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("listen \"nowhere\""));
 }
+
+/// The compose configuration is the local one with container names: same
+/// routes, same services and settings, same number of instances.
+#[test]
+fn the_compose_configuration_does_not_drift_from_the_local_one() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let local =
+        gateway::config::load(std::path::Path::new(&format!("{root}/gateway.yaml"))).unwrap();
+    let compose = gateway::config::load(std::path::Path::new(&format!(
+        "{root}/deploy/gateway.compose.yaml"
+    )))
+    .unwrap();
+    assert_eq!(local.routes, compose.routes);
+    assert_eq!(local.services.len(), compose.services.len());
+    for (l, c) in local.services.iter().zip(&compose.services) {
+        assert_eq!(
+            (
+                &l.name,
+                l.load_balancing,
+                &l.health,
+                l.timeouts,
+                l.instances.len()
+            ),
+            (
+                &c.name,
+                c.load_balancing,
+                &c.health,
+                c.timeouts,
+                c.instances.len()
+            ),
+        );
+    }
+    assert_eq!(local.listen.port(), compose.listen.port());
+}
