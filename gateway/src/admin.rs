@@ -34,6 +34,27 @@ pub fn router(reloader: Arc<Reloader>) -> Router {
         .with_state(reloader)
 }
 
+/// Serves the admin API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router) {
+    if let Err(err) = axum::serve(listener, app).await {
+        tracing::error!(error = %err, "admin listener failed");
+    }
+}
+
+/// Binds `addr` as soon as it is free (during a binary upgrade the old
+/// process holds it until it exits), then serves.
+pub async fn serve_when_free(addr: std::net::SocketAddr, app: Router) {
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!("admin listening on http://{addr}");
+                return serve(listener, app).await;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+}
+
 fn time(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }

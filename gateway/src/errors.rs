@@ -31,8 +31,14 @@ pub enum GatewayError {
     #[error("{service} failed to answer")]
     UpstreamFailed { service: String },
     /// The client sent something unusable.
-    #[error("Bad request")]
-    BadRequest,
+    #[error("Bad request: {reason}")]
+    BadRequest { reason: &'static str },
+    /// The request body is over the route's limit.
+    #[error("Request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    /// The request header is over the gateway's limit.
+    #[error("Request header larger than {limit} bytes")]
+    HeaderTooLarge { limit: u64 },
     /// The client was too slow to send its request.
     #[error("Request timeout")]
     ClientTimeout,
@@ -53,7 +59,9 @@ impl GatewayError {
                 StatusCode::BAD_GATEWAY
             }
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::BadRequest => StatusCode::BAD_REQUEST,
+            GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Rejected { status, .. } => *status,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -84,7 +92,9 @@ impl GatewayError {
             (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamFailed { service }),
             (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
             (ErrorSource::Downstream, ReadTimedout) => Some(GatewayError::ClientTimeout),
-            (ErrorSource::Downstream, _) => Some(GatewayError::BadRequest),
+            (ErrorSource::Downstream, _) => Some(GatewayError::BadRequest {
+                reason: "malformed request",
+            }),
             (ErrorSource::Internal | ErrorSource::Unset, ConnectTimedout) => {
                 Some(GatewayError::UpstreamTimeout { service })
             }

@@ -14,6 +14,14 @@
 //! check settings once set, and does not expose per-instance state for
 //! `/services`.
 //!
+//! Passive health (outlier ejection): the proxy reports every request's
+//! outcome ([`InstanceHealth::record_passive`]); `consecutive_failures`
+//! connection errors or 5xx answers in a row take the instance out of
+//! rotation at once, without waiting for a probe, unless it is the last one
+//! in rotation (ejecting it would turn its errors into 503s and hide them).
+//! An ejected instance stays out for `ejection_time` whatever the probes
+//! say; after that, `healthy_threshold` successful probes bring it back.
+//!
 //! The [`HealthRegistry`] lives for the whole process, across config
 //! versions: an instance kept by a reload keeps its state and its prober
 //! (whose settings are updated in place); a removed one has its prober
@@ -23,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -34,7 +42,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::HealthSettings;
+use crate::config::{HealthSettings, OutlierSettings};
 use crate::discovery::Instance;
 
 /// What the last checks concluded about an instance.
@@ -71,6 +79,8 @@ struct Observations {
     consecutive_failures: u32,
     last_error: Option<String>,
     last_change: Option<SystemTime>,
+    /// Passively ejected until then: probe successes do not count before.
+    ejected_until: Option<std::time::Instant>,
 }
 
 /// Health of one instance of one service, shared by every config version
@@ -82,6 +92,8 @@ pub struct InstanceHealth {
     pub socket: SocketAddr,
     /// Read on every request: a single atomic load.
     in_rotation: AtomicBool,
+    /// Failed proxied requests in a row (connection errors, 5xx).
+    passive_failures: AtomicU32,
     observations: Mutex<Observations>,
 }
 
@@ -92,12 +104,14 @@ impl InstanceHealth {
             address: address.to_owned(),
             socket,
             in_rotation: AtomicBool::new(false),
+            passive_failures: AtomicU32::new(0),
             observations: Mutex::new(Observations {
                 status: Status::Unknown,
                 consecutive_successes: 0,
                 consecutive_failures: 0,
                 last_error: None,
                 last_change: None,
+                ejected_until: None,
             }),
         }
     }
@@ -127,6 +141,14 @@ impl InstanceHealth {
     pub fn observe(&self, result: Result<(), String>, settings: &HealthSettings) -> Option<Status> {
         let mut o = self.lock();
         let before = o.status;
+        if let Some(until) = o.ejected_until {
+            if std::time::Instant::now() < until {
+                // Ejected: probes cannot bring it back yet.
+                o.consecutive_successes = 0;
+                return None;
+            }
+            o.ejected_until = None;
+        }
         match &result {
             Ok(()) => {
                 o.consecutive_successes = o.consecutive_successes.saturating_add(1);
@@ -170,6 +192,49 @@ impl InstanceHealth {
             ),
         }
         Some(after)
+    }
+}
+
+impl InstanceHealth {
+    /// Records the outcome of one proxied request: `success` is false for a
+    /// connection error or a 5xx answer. Ejects the instance after
+    /// `outlier.consecutive_failures` failures in a row, if `may_eject`
+    /// agrees (another instance is in rotation). Returns true if it ejected.
+    pub fn record_passive(
+        &self,
+        success: bool,
+        outlier: &OutlierSettings,
+        may_eject: impl FnOnce() -> bool,
+    ) -> bool {
+        if success {
+            // Read first: the common case writes nothing, so the cache line
+            // stays shared between threads.
+            if self.passive_failures.load(Ordering::Relaxed) != 0 {
+                self.passive_failures.store(0, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let failures = self.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if outlier.consecutive_failures == 0
+            || failures < outlier.consecutive_failures
+            || !self.is_ready()
+            || !may_eject()
+        {
+            return false;
+        }
+        let mut o = self.lock();
+        o.status = Status::Unhealthy;
+        o.consecutive_successes = 0;
+        o.ejected_until = Some(std::time::Instant::now() + outlier.ejection_time);
+        o.last_error = Some(format!("ejected after {failures} failed requests in a row"));
+        o.last_change = Some(SystemTime::now());
+        self.in_rotation.store(false, Ordering::Relaxed);
+        self.passive_failures.store(0, Ordering::Relaxed);
+        tracing::warn!(
+            service = %self.service, instance = %self.address, failures,
+            ejection = ?outlier.ejection_time, "instance ejected: out of rotation"
+        );
+        true
     }
 }
 

@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod downstream;
 pub mod discovery;
 pub mod endpoints;
 pub mod errors;
@@ -29,6 +30,7 @@ pub mod proxy;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod shutdown;
 pub mod snapshot;
 pub mod upstream;
 

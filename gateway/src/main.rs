@@ -13,6 +13,11 @@ struct Cli {
     /// The configuration file to run with.
     #[arg(long, short, env = "GATEWAY_CONFIG", default_value = "gateway.yaml")]
     config: PathBuf,
+    /// Take the listening sockets over from a running gateway on the same
+    /// configuration (zero-downtime upgrade): start this, then send SIGQUIT
+    /// to the old process.
+    #[arg(long, short)]
+    upgrade: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -34,7 +39,7 @@ fn main() -> ExitCode {
         Some(Command::Check { files }) => check(&files),
         None => {
             gateway::init_tracing();
-            gateway::server::run(&cli.config)
+            gateway::server::run(&cli.config, cli.upgrade)
         }
     }
 }

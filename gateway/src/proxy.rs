@@ -2,46 +2,67 @@
 //! leaves each decision to its module.
 //!
 //! Per request, in order:
-//! 1. `request_filter`: request id; gateway endpoints (`/health`,
-//!    `/services`); route lookup (404 if none); the route's plugins.
-//! 2. `upstream_peer`: an instance in rotation not tried yet (503 at once if
-//!    none); its peer with the service's timeouts.
-//! 3. `fail_to_connect`: nothing was sent, so the request is retried on
-//!    another instance when one is in rotation.
-//! 4. `upstream_request_filter`: prefix stripping, forwarding headers,
+//! 1. `early_request_filter`: the header arrived (the slowloris deadline is
+//!    disarmed); header size (431) and framing and path sanity (400).
+//! 2. `request_filter`: request id; gateway endpoints (`/health`,
+//!    `/services`); route lookup (404); a declared body over the route's
+//!    limit (413); no instance able to take it (503, at once); the route's
 //!    plugins.
-//! 5. `response_filter`: hop-by-hop fields out, request id in, plugins.
-//! 6. `fail_to_proxy`: the error mapped once ([`crate::errors`]) and
+//! 3. `request_body_filter`: a streamed body over the limit (413).
+//! 4. `upstream_peer`: an instance not tried yet; its peer with the
+//!    service's timeouts, the read timeout capped by the total one.
+//! 5. `fail_to_connect` / `error_while_proxy`: whether to try again, on
+//!    which instance (see [`Gateway::retry_after_send`]), within the retry
+//!    budget; every failure also counts against the instance (passive
+//!    health).
+//! 6. `upstream_request_filter`: prefix stripping, forwarding headers,
+//!    plugins.
+//! 7. `upstream_response_filter` / `response_filter`: the outcome for
+//!    passive health; hop-by-hop fields out, request id in, plugins.
+//! 8. `upstream_response_body_filter`: the total timeout while streaming.
+//! 9. `fail_to_proxy`: the error mapped once ([`crate::errors`]) and
 //!    answered as JSON if the client can still be answered.
-//! 7. `logging`: one access-log line.
+//! 10. `logging`: one access-log line; the slowloris deadline re-armed for
+//!     the connection's next request.
 //!
-//! Bodies are never touched here: Pingora streams them in both directions.
+//! Bodies are never buffered here: Pingora streams them in both directions
+//! (it keeps up to 64 KiB of a request body to replay it on a retry).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::Peer;
-use pingora::{Error, ErrorType};
+use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::downstream::HeaderDeadlines;
 use crate::endpoints::Endpoint;
 use crate::errors::{self, GatewayError};
 use crate::forwarding::{self, REQUEST_ID};
+use crate::health::InstanceHealth;
 use crate::routing;
+use crate::shutdown::InFlight;
 use crate::snapshot::{CurrentSnapshot, Route, Snapshot};
+use crate::upstream::Upstream;
+
+/// A client-chosen key that makes a non-idempotent request safe to retry.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// The proxy service; shares the current snapshot with the control plane.
 pub struct Gateway {
     pub current: Arc<CurrentSnapshot>,
+    pub deadlines: Arc<HeaderDeadlines>,
 }
 
 /// Per-request state.
 pub struct RequestCtx {
     started: Instant,
+    _in_flight: InFlight,
     request_id: String,
     /// The configuration version this request runs on, start to end.
     snapshot: Option<Arc<Snapshot>>,
@@ -49,8 +70,19 @@ pub struct RequestCtx {
     route: Option<usize>,
     /// Instances tried so far, the last one being the current.
     tried: Vec<SocketAddr>,
+    /// The instance of the current attempt.
+    instance: Option<Arc<InstanceHealth>>,
+    /// The next attempt may go to the same instance (a stale pooled
+    /// connection failed, not the instance).
+    retry_same: bool,
+    /// The total timeout's deadline, set at the first attempt.
+    deadline: Option<Instant>,
+    /// Request body bytes seen so far.
+    body_bytes: u64,
     /// Set where a failure is decided, read by `fail_to_proxy`.
     failure: Option<GatewayError>,
+    /// Which timeout fired, for the access log.
+    timeout: Option<&'static str>,
     /// What the gateway itself answered, for the access log.
     local_status: Option<u16>,
 }
@@ -60,6 +92,53 @@ impl RequestCtx {
         let snapshot = self.snapshot.as_ref()?;
         snapshot.routes.get(self.route?)
     }
+
+    fn upstream(&self) -> Option<&Arc<Upstream>> {
+        self.route().map(|route| &route.upstream)
+    }
+
+    fn attempts(&self) -> u32 {
+        self.tried.len() as u32
+    }
+}
+
+/// The downstream connection's descriptor, for its header deadline.
+fn connection_fd(session: &Session) -> Option<i32> {
+    session.as_downstream().stream().map(|stream| stream.id())
+}
+
+/// Approximate size of the request header as received.
+fn header_size(request: &RequestHeader) -> u64 {
+    let fields: usize = request
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    (request.method.as_str().len() + request.uri.to_string().len() + 12 + fields) as u64
+}
+
+/// Why a path must not be routed, if it must not: dot segments, encoded
+/// slashes or backslashes, NUL. Such paths mean different things to
+/// different servers; forwarding them is how access rules get bypassed.
+fn path_problem(path: &str) -> Option<&'static str> {
+    if !path.starts_with('/') {
+        return Some("path must start with /");
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+        return Some("encoded slash or backslash in path");
+    }
+    if lower.contains("%00") {
+        return Some("NUL in path");
+    }
+    if path
+        .split('/')
+        .any(|segment| matches!(segment, "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."))
+        || lower.split('/').any(|segment| matches!(segment, "%2e" | "%2e%2e" | ".%2e" | "%2e."))
+    {
+        return Some("dot segment in path");
+    }
+    None
 }
 
 impl Gateway {
@@ -73,6 +152,31 @@ impl Gateway {
         errors::respond(session, &error, &ctx.request_id).await?;
         Ok(true)
     }
+
+    /// Whether a request that failed after (part of) it was sent may be
+    /// sent again: only if repeating it is harmless (an idempotent method,
+    /// or an `Idempotency-Key` from the client), its body can be replayed,
+    /// and nothing of the response has reached the client.
+    fn retry_after_send(session: &Session) -> bool {
+        let request = session.req_header();
+        (request.method.is_idempotent() || request.headers.contains_key(IDEMPOTENCY_KEY))
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none()
+    }
+
+    /// Whether one more attempt on another instance is allowed: attempts
+    /// left, another instance to go to, and the retry budget agrees.
+    fn another_attempt(ctx: &RequestCtx) -> bool {
+        ctx.upstream().is_some_and(|upstream| {
+            ctx.attempts() <= upstream.retries && upstream.has_other_choice(&ctx.tried) && upstream.budget.withdraw()
+        })
+    }
+
+    fn record_outcome(ctx: &RequestCtx, success: bool) {
+        if let (Some(upstream), Some(instance)) = (ctx.upstream(), &ctx.instance) {
+            upstream.record(instance, success);
+        }
+    }
 }
 
 #[async_trait]
@@ -82,41 +186,98 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
+            _in_flight: InFlight::start(),
             request_id: String::new(),
             snapshot: None,
             route: None,
             tried: Vec::new(),
+            instance: None,
+            retry_same: false,
+            deadline: None,
+            body_bytes: 0,
             failure: None,
+            timeout: None,
             local_status: None,
         }
     }
 
-    async fn request_filter(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<bool> {
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<()> {
+        if let Some(fd) = connection_fd(session) {
+            self.deadlines.disarm(fd);
+        }
         ctx.request_id = forwarding::request_id(session.req_header());
         let snapshot = self.current.load();
-        let path = session.req_header().uri.path();
+        let limit = snapshot.config.downstream.max_header_size;
+        ctx.snapshot = Some(snapshot);
+        let request = session.req_header();
+        let problem = if header_size(request) > limit {
+            Some(GatewayError::HeaderTooLarge { limit })
+        } else if let Some(reason) = path_problem(request.uri.path()) {
+            Some(GatewayError::BadRequest { reason })
+        } else if request.headers.contains_key(http::header::TRANSFER_ENCODING)
+            && session
+                .as_downstream()
+                .to_h1_raw()
+                .to_ascii_lowercase()
+                .windows(16)
+                .any(|w| w == b"\ncontent-length:")
+        {
+            // Pingora would drop Content-Length and go by Transfer-Encoding;
+            // a request that frames itself two ways is refused instead.
+            Some(GatewayError::BadRequest {
+                reason: "both Content-Length and Transfer-Encoding",
+            })
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            session.set_keepalive(None);
+            ctx.failure = Some(problem.clone());
+            ctx.local_status = Some(problem.status().as_u16());
+            errors::respond(session, &problem, &ctx.request_id).await?;
+            // Stop here: `request_filter` sees the answer was written.
+        }
+        Ok(())
+    }
 
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+        if ctx.local_status.is_some() {
+            return Ok(true); // answered in early_request_filter
+        }
+        let Some(snapshot) = ctx.snapshot.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "request without a snapshot");
+        };
+        let path = session.req_header().uri.path();
         if let Some(endpoint) = Endpoint::at(path) {
             let body = endpoint.body(&snapshot);
             ctx.local_status = Some(200);
             errors::respond_json(session, http::StatusCode::OK, body, &ctx.request_id).await?;
             return Ok(true);
         }
-        let route_index = snapshot.routes.find(path);
-        ctx.snapshot = Some(snapshot);
-        let Some(route_index) = route_index else {
-            return self
-                .answer_locally(session, ctx, GatewayError::NoRoute)
-                .await;
+        let Some(route_index) = snapshot.routes.find(path) else {
+            return self.answer_locally(session, ctx, GatewayError::NoRoute).await;
         };
         ctx.route = Some(route_index);
-        if let Some(route) = ctx.route()
-            && !route.upstream.any_ready()
-        {
+        let Some(route) = snapshot.routes.get(route_index) else {
+            return Error::e_explain(ErrorType::InternalError, "route index out of range");
+        };
+        route.upstream.budget.deposit();
+
+        if let Some(limit) = route.max_body_size {
+            let declared = session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|length| length > limit) {
+                session.set_keepalive(None);
+                return self
+                    .answer_locally(session, ctx, GatewayError::PayloadTooLarge { limit })
+                    .await;
+            }
+        }
+        if !route.upstream.can_take_requests() {
             // Decided before any upstream work, so the client connection
             // stays open for its next request.
             let service = route.upstream.name.clone();
@@ -124,9 +285,7 @@ impl ProxyHttp for Gateway {
                 .answer_locally(session, ctx, GatewayError::NoHealthyInstance { service })
                 .await;
         }
-
-        let plugins = ctx.route().map(|r| r.plugins.clone()).unwrap_or_default();
-        for plugin in &plugins {
+        for plugin in &route.plugins {
             if let Some(rejection) = plugin.request_filter(session).await? {
                 tracing::debug!(plugin = plugin.name(), status = %rejection.status, "plugin answered");
                 let error = GatewayError::Rejected {
@@ -139,19 +298,52 @@ impl ProxyHttp for Gateway {
         Ok(false)
     }
 
-    async fn upstream_peer(
+    async fn request_body_filter(
         &self,
         _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
         ctx: &mut RequestCtx,
-    ) -> pingora::Result<Box<HttpPeer>> {
-        let Some(route) = ctx.route() else {
+    ) -> pingora::Result<()> {
+        let Some(chunk) = body else {
+            return Ok(());
+        };
+        ctx.body_bytes += chunk.len() as u64;
+        if let Some(limit) = ctx.route().and_then(|route| route.max_body_size)
+            && ctx.body_bytes > limit
+        {
+            ctx.failure = Some(GatewayError::PayloadTooLarge { limit });
+            return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the route's limit");
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+        let Some(upstream) = ctx.upstream().cloned() else {
             return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
         };
-        let upstream = Arc::clone(&route.upstream);
-        match upstream.select(&ctx.tried) {
+        let deadline = *ctx.deadline.get_or_insert_with(|| Instant::now() + upstream.timeouts.total);
+        let time_left = deadline.saturating_duration_since(Instant::now());
+        if time_left.is_zero() {
+            ctx.timeout = Some("total");
+            ctx.failure = Some(GatewayError::UpstreamTimeout {
+                service: upstream.name.clone(),
+            });
+            return Error::e_explain(ErrorType::HTTPStatus(504), "total timeout before an attempt");
+        }
+        // A stale pooled connection is the connection's fault, not the
+        // instance's: that instance may be chosen again.
+        let exclude_len = if ctx.retry_same {
+            ctx.tried.len().saturating_sub(1)
+        } else {
+            ctx.tried.len()
+        };
+        ctx.retry_same = false;
+        match upstream.select(&ctx.tried[..exclude_len]) {
             Some(instance) => {
-                let peer = upstream.peer(instance);
+                let peer = upstream.peer(instance, time_left);
                 ctx.tried.push(instance.socket);
+                ctx.instance = Some(Arc::clone(instance));
                 Ok(peer)
             }
             None => {
@@ -162,10 +354,7 @@ impl ProxyHttp for Gateway {
                     (GatewayError::ConnectFailed { service }, 502)
                 };
                 ctx.failure = Some(failure);
-                Error::e_explain(
-                    ErrorType::HTTPStatus(status),
-                    "no instance to send the request to",
-                )
+                Error::e_explain(ErrorType::HTTPStatus(status), "no instance to send the request to")
             }
         }
     }
@@ -177,15 +366,47 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Nothing reached the upstream: any method may go to another
-        // instance, if one is in rotation.
-        let retry = ctx
-            .route()
-            .is_some_and(|route| route.upstream.has_other_ready(&ctx.tried));
-        tracing::warn!(upstream = %peer.address(), error = %e, retry, request_id = %ctx.request_id, "connect failed");
-        if retry {
-            e.set_retry(true);
+        Self::record_outcome(ctx, false);
+        if e.etype() == &ErrorType::ConnectTimedout {
+            ctx.timeout = Some("connect");
         }
+        // Nothing reached the upstream: any method may try another instance.
+        let retry = Self::another_attempt(ctx);
+        tracing::warn!(upstream = %peer.address(), error = %e, retry, request_id = %ctx.request_id, "connect failed");
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        match e.etype() {
+            ErrorType::ReadTimedout => ctx.timeout = Some(ctx.timeout.unwrap_or("read")),
+            ErrorType::WriteTimedout => ctx.timeout = Some("write"),
+            _ => {}
+        }
+        if !Self::retry_after_send(session) || ctx.timeout.is_some() {
+            if e.esource() == &ErrorSource::Upstream {
+                Self::record_outcome(ctx, false);
+            }
+            e.set_retry(false);
+            return e;
+        }
+        e.retry.decide_reuse(client_reused);
+        if e.retry() {
+            // A pooled connection the upstream had closed: the same
+            // instance is fine, and this is no sign of trouble.
+            ctx.retry_same = true;
+            return e;
+        }
+        Self::record_outcome(ctx, false);
+        e.set_retry(Self::another_attempt(ctx));
         e
     }
 
@@ -207,9 +428,7 @@ impl ProxyHttp for Gateway {
             let uri = http::Uri::builder()
                 .path_and_query(path_and_query)
                 .build()
-                .map_err(|err| {
-                    Error::because(ErrorType::InternalError, "rewriting the path", err)
-                })?;
+                .map_err(|err| Error::because(ErrorType::InternalError, "rewriting the path", err))?;
             upstream_request.set_uri(uri);
         }
         let client_ip = session
@@ -219,6 +438,18 @@ impl ProxyHttp for Gateway {
         forwarding::set_forwarding_headers(upstream_request, client_ip, &ctx.request_id)?;
         for plugin in &route.plugins {
             plugin.upstream_request_filter(upstream_request)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if !upstream_response.status.is_informational() {
+            Self::record_outcome(ctx, !upstream_response.status.is_server_error());
         }
         Ok(())
     }
@@ -239,13 +470,24 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn fail_to_proxy(
+    fn upstream_response_body_filter(
         &self,
-        session: &mut Session,
-        e: &Error,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
         ctx: &mut RequestCtx,
-    ) -> FailToProxy {
-        let service = ctx.route().map_or("upstream", |r| r.upstream.name.as_str());
+    ) -> pingora::Result<Option<Duration>> {
+        if ctx.deadline.is_some_and(|deadline| Instant::now() > deadline) {
+            ctx.timeout = Some("total");
+            let mut error = Error::explain(ErrorType::ReadTimedout, "total request timeout while streaming the response");
+            error.esource = ErrorSource::Upstream;
+            return Err(error);
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let service = ctx.upstream().map_or("upstream", |u| u.name.as_str());
         let failure = ctx
             .failure
             .clone()
@@ -273,23 +515,44 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let (Some(fd), Some(snapshot)) = (connection_fd(session), &ctx.snapshot) {
+            self.deadlines.arm(fd, snapshot.config.downstream.header_timeout);
+        }
         let request = session.req_header();
         let status = ctx
             .local_status
             .or_else(|| session.response_written().map(|r| r.status.as_u16()))
             .unwrap_or(0);
-        let route = ctx.route();
         tracing::info!(
             target: "access",
             method = %request.method,
             path = %request.uri.path(),
-            route = route.map_or("-", |r| r.prefix.as_str()),
+            route = ctx.route().map_or("-", |r| r.prefix.as_str()),
             upstream = ctx.tried.last().map(ToString::to_string).as_deref().unwrap_or("-"),
+            attempts = ctx.tried.len(),
             status,
             micros = ctx.started.elapsed().as_micros() as u64,
             request_id = %ctx.request_id,
             error = e.map(|e| e.etype().as_str()).unwrap_or("-"),
+            timeout = ctx.timeout.unwrap_or("-"),
             "request"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_paths_are_refused() {
+        for bad in [
+            "/a/../b", "/a/..", "/./a", "/a/%2e%2e/b", "/a/%2E/b", "/a%2fb", "/a%2Fb", "/a%5cb", "/a\\b", "/a%00", "a",
+        ] {
+            assert!(path_problem(bad).is_some(), "{bad}");
+        }
+        for good in ["/", "/api/users/7", "/a.b/c..d/.e", "/%20x"] {
+            assert_eq!(path_problem(good), None, "{good}");
+        }
     }
 }

@@ -11,24 +11,26 @@ use pingora::prelude::Server;
 use pingora::server::configuration::ServerConf;
 
 use crate::admin;
+use crate::downstream::{GuardedProxy, HeaderDeadlines};
+use crate::shutdown;
 use crate::config::{self, Config};
 use crate::health::HealthRegistry;
 use crate::proxy::Gateway;
 use crate::reload::{self, Reloader};
 use crate::snapshot::{CurrentSnapshot, Snapshot};
 
-/// Seconds Pingora lets in-flight requests run after SIGTERM before it
-/// stops its runtimes.
-const SHUTDOWN_GRACE_SECONDS: u64 = 3;
-/// Seconds the runtimes get to wind down after the grace period.
+/// Seconds the runtimes get to wind down after the grace period (only
+/// reached if the drain watch in `shutdown` did not exit first).
 const RUNTIME_SHUTDOWN_SECONDS: u64 = 2;
-/// Retries of one request (on connect failures to other instances).
-const MAX_RETRIES: usize = 2;
+/// Pingora's cap on attempts per request; the per-service `retries` is
+/// the real limit and must stay below it.
+const MAX_RETRIES: usize = 16;
 
 /// Runs the gateway on the configuration at `path` until it is told to
-/// stop. Exit status 2 for an invalid configuration, 1 for any other
-/// start-up failure.
-pub fn run(path: &Path) -> ExitCode {
+/// stop. With `upgrade`, takes the listening sockets over from a running
+/// gateway (which is then sent SIGQUIT). Exit status 2 for an invalid
+/// configuration, 1 for any other start-up failure.
+pub fn run(path: &Path, upgrade: bool) -> ExitCode {
     // The bytes the first version comes from: a reload compares with them.
     let loaded_bytes = std::fs::read(path).ok();
     let config = match config::load(path) {
@@ -72,33 +74,48 @@ pub fn run(path: &Path) -> ExitCode {
         return ExitCode::FAILURE;
     }
     if let Some(admin) = config.admin_listen {
-        let listener = match control.block_on(tokio::net::TcpListener::bind(admin)) {
-            Ok(listener) => listener,
-            Err(err) => {
-                tracing::error!("cannot listen on {admin} (admin_listen): {err}");
-                return ExitCode::FAILURE;
-            }
-        };
         let app = admin::router(Arc::clone(&reloader));
-        control.spawn(async move {
-            if let Err(err) = axum::serve(listener, app).await {
-                tracing::error!(error = %err, "admin listener failed");
-            }
-        });
-        tracing::info!("admin listening on http://{admin}");
+        if upgrade {
+            // The old process still holds the admin port until it exits.
+            control.spawn(admin::serve_when_free(admin, app));
+        } else {
+            let listener = match control.block_on(tokio::net::TcpListener::bind(admin)) {
+                Ok(listener) => listener,
+                Err(err) => {
+                    tracing::error!("cannot listen on {admin} (admin_listen): {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            control.spawn(admin::serve(listener, app));
+            tracing::info!("admin listening on http://{admin}");
+        }
     }
 
-    let mut server = Server::new_with_opt_and_conf(None, server_conf(&config));
+    if let Err(err) = shutdown::spawn_drain_watch(control.handle(), config.shutdown_grace) {
+        tracing::error!(error = %err, "cannot listen for shutdown signals");
+        return ExitCode::FAILURE;
+    }
+
+    let options = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(options), server_conf(&config));
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let deadlines = Arc::new(HeaderDeadlines::default());
+    let proxy = pingora::proxy::http_proxy(
         &server.configuration,
         Gateway {
             current: Arc::clone(&current),
+            deadlines: Arc::clone(&deadlines),
         },
-        "gateway proxy",
     );
-    proxy.add_tcp(&config.listen.to_string());
-    server.add_service(proxy);
+    let mut service = pingora::services::listening::Service::new(
+        "gateway proxy".to_owned(),
+        GuardedProxy::new(proxy, Arc::clone(&current), deadlines),
+    );
+    service.add_tcp(&config.listen.to_string());
+    server.add_service(service);
     tracing::info!(
         threads = config.threads,
         services = config.services.len(),
@@ -116,7 +133,9 @@ fn server_conf(config: &Config) -> ServerConf {
     let port = config.listen.port();
     ServerConf {
         threads: config.threads,
-        grace_period_seconds: Some(SHUTDOWN_GRACE_SECONDS),
+        // The drain watch exits as soon as requests are done; this is the
+        // backstop, a second later.
+        grace_period_seconds: Some(config.shutdown_grace.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN_SECONDS),
         max_retries: MAX_RETRIES,
         // One gateway per listen port on a machine: name the files after it.

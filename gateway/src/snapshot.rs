@@ -24,6 +24,8 @@ use crate::upstream::Upstream;
 pub struct Route {
     pub prefix: String,
     pub strip_prefix: Option<String>,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_size: Option<u64>,
     pub upstream: Arc<Upstream>,
     pub plugins: PluginChain,
 }
@@ -79,12 +81,7 @@ impl Snapshot {
                 .iter()
                 .filter_map(|i| health.get(&(service.name.clone(), i.socket)).cloned())
                 .collect();
-            let upstream = Upstream::new(
-                &service.name,
-                handles,
-                service.load_balancing,
-                service.timeouts,
-            )
+            let upstream = Upstream::new(service, handles)
             .map_err(|source| BuildError::Balancer {
                 service: service.name.clone(),
                 source,
@@ -99,6 +96,7 @@ impl Snapshot {
                 Route {
                     prefix: route.prefix.clone(),
                     strip_prefix: route.strip_prefix.clone(),
+                    max_body_size: route.max_body_size,
                     upstream: Arc::clone(upstream),
                     plugins: route.plugins.iter().map(plugins::build).collect(),
                 },

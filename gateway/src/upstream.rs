@@ -1,25 +1,82 @@
 //! One service of one configuration version: its instances, its load
-//! balancer and its connection settings.
+//! balancer, its connection settings and its retry budget.
 //!
 //! Selection uses Pingora's `LoadBalancer` (round robin or random over the
 //! instances) and accepts only instances that our health state has in
-//! rotation and that this request has not tried yet. `None` means no
-//! instance can take the request: the caller answers 503 at once, it never
-//! waits.
+//! rotation and that this request has not tried yet. When none is in
+//! rotation, `when_all_unhealthy` decides: `fail_fast` (the default) returns
+//! `None`, which the caller answers with a 503 at once; `fail_open` picks
+//! among all instances as if they were healthy.
+//!
+//! Retries draw on a [`RetryBudget`]: at most [`RETRY_BUDGET_RATIO`] of the
+//! requests plus [`RETRY_BUDGET_PER_SECOND`] a second, so that during an
+//! outage retries cannot multiply the load on what is left.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use pingora::lb::LoadBalancer;
 use pingora::lb::selection::{Random, RoundRobin};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{LoadBalancing, Timeouts};
+use crate::config::{AllUnhealthy, LoadBalancing, OutlierSettings, ServiceConfig, Timeouts};
 use crate::health::InstanceHealth;
 
 enum Balancer {
     RoundRobin(LoadBalancer<RoundRobin>),
     Random(LoadBalancer<Random>),
+}
+
+/// Retries may add at most this share of the requests...
+pub const RETRY_BUDGET_RATIO: f64 = 0.2;
+/// ...plus this many a second, so a quiet service can still retry.
+pub const RETRY_BUDGET_PER_SECOND: f64 = 10.0;
+/// Tokens saved up at most: a burst of retries after a quiet spell.
+const RETRY_BUDGET_CAP: f64 = 100.0;
+
+/// A token bucket for retries. The request path only counts requests (one
+/// atomic add); the bucket is refilled and drawn under a lock on the rare
+/// retry path.
+pub struct RetryBudget {
+    requests: AtomicU64,
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            bucket: Mutex::new((RETRY_BUDGET_PER_SECOND, Instant::now())),
+        }
+    }
+}
+
+impl RetryBudget {
+    /// Counts one request.
+    pub fn deposit(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub fn withdraw(&self) -> bool {
+        let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        let (tokens, last) = &mut *bucket;
+        let now = Instant::now();
+        let requests = self.requests.swap(0, Ordering::Relaxed) as f64;
+        *tokens = (*tokens
+            + requests * RETRY_BUDGET_RATIO
+            + now.duration_since(*last).as_secs_f64() * RETRY_BUDGET_PER_SECOND)
+            .min(RETRY_BUDGET_CAP);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 pub struct Upstream {
@@ -28,6 +85,11 @@ pub struct Upstream {
     pub instances: Vec<Arc<InstanceHealth>>,
     balancer: Balancer,
     pub timeouts: Timeouts,
+    /// Further attempts after a failed one.
+    pub retries: u32,
+    pub when_all_unhealthy: AllUnhealthy,
+    pub outlier: OutlierSettings,
+    pub budget: RetryBudget,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -40,24 +102,23 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    pub fn new(
-        name: &str,
-        instances: Vec<Arc<InstanceHealth>>,
-        load_balancing: LoadBalancing,
-        timeouts: Timeouts,
-    ) -> std::io::Result<Self> {
+    pub fn new(service: &ServiceConfig, instances: Vec<Arc<InstanceHealth>>) -> std::io::Result<Self> {
         let sockets: Vec<SocketAddr> = instances.iter().map(|i| i.socket).collect();
-        let balancer = match load_balancing {
+        let balancer = match service.load_balancing {
             LoadBalancing::RoundRobin => {
                 Balancer::RoundRobin(LoadBalancer::try_from_iter(sockets)?)
             }
             LoadBalancing::Random => Balancer::Random(LoadBalancer::try_from_iter(sockets)?),
         };
         Ok(Self {
-            name: name.to_owned(),
+            name: service.name.clone(),
             instances,
             balancer,
-            timeouts,
+            timeouts: service.timeouts,
+            retries: service.retries,
+            when_all_unhealthy: service.when_all_unhealthy,
+            outlier: service.outlier,
+            budget: RetryBudget::default(),
         })
     }
 
@@ -66,14 +127,42 @@ impl Upstream {
         self.instances.iter().find(|i| i.socket == socket)
     }
 
-    /// The next instance in rotation that is not in `exclude`.
+    /// The next instance in rotation that is not in `exclude`; with
+    /// `fail_open` and nothing in rotation, the next one not in `exclude`.
     pub fn select(&self, exclude: &[SocketAddr]) -> Option<&Arc<InstanceHealth>> {
+        self.pick(exclude, true).or_else(|| {
+            (self.when_all_unhealthy == AllUnhealthy::FailOpen && !self.any_ready())
+                .then(|| self.pick(exclude, false))
+                .flatten()
+        })
+    }
+
+    /// Whether a request can be sent anywhere now.
+    pub fn can_take_requests(&self) -> bool {
+        self.any_ready() || self.when_all_unhealthy == AllUnhealthy::FailOpen
+    }
+
+    /// Records a proxied request's outcome for passive health.
+    pub fn record(&self, instance: &Arc<InstanceHealth>, success: bool) {
+        instance.record_passive(success, &self.outlier, || {
+            self.instances
+                .iter()
+                .any(|other| !Arc::ptr_eq(other, instance) && other.is_ready())
+        });
+    }
+
+    /// The instance at `socket`, if it belongs to this service.
+    pub fn instance_at(&self, socket: SocketAddr) -> Option<&Arc<InstanceHealth>> {
+        self.instance(socket)
+    }
+
+    fn pick(&self, exclude: &[SocketAddr], healthy_only: bool) -> Option<&Arc<InstanceHealth>> {
         let accept = |backend: &pingora::lb::Backend, _pingora_health: bool| {
             backend
                 .addr
                 .as_inet()
                 .and_then(|socket| self.instance(*socket))
-                .is_some_and(|i| i.is_ready() && !exclude.contains(&i.socket))
+                .is_some_and(|i| (!healthy_only || i.is_ready()) && !exclude.contains(&i.socket))
         };
         let tries = self.instances.len();
         let backend = match &self.balancer {
@@ -88,21 +177,23 @@ impl Upstream {
         self.instances.iter().any(|i| i.is_ready())
     }
 
-    /// Whether any instance other than those in `exclude` is in rotation.
-    pub fn has_other_ready(&self, exclude: &[SocketAddr]) -> bool {
+    /// Whether another attempt could go somewhere not in `exclude`.
+    pub fn has_other_choice(&self, exclude: &[SocketAddr]) -> bool {
+        let fail_open = self.when_all_unhealthy == AllUnhealthy::FailOpen && !self.any_ready();
         self.instances
             .iter()
-            .any(|i| i.is_ready() && !exclude.contains(&i.socket))
+            .any(|i| (fail_open || i.is_ready()) && !exclude.contains(&i.socket))
     }
 
     /// The Pingora peer for `instance`, with this service's timeouts (all
     /// set: Pingora's defaults are "wait forever").
-    pub fn peer(&self, instance: &InstanceHealth) -> Box<HttpPeer> {
+    /// `time_left` of the request's total timeout caps the read timeout.
+    pub fn peer(&self, instance: &InstanceHealth, time_left: std::time::Duration) -> Box<HttpPeer> {
         let mut peer = HttpPeer::new(instance.socket, false, String::new());
         let options = &mut peer.options;
-        options.connection_timeout = Some(self.timeouts.connect);
-        options.total_connection_timeout = Some(self.timeouts.connect);
-        options.read_timeout = Some(self.timeouts.read);
+        options.connection_timeout = Some(self.timeouts.connect.min(time_left));
+        options.total_connection_timeout = Some(self.timeouts.connect.min(time_left));
+        options.read_timeout = Some(self.timeouts.read.min(time_left));
         options.write_timeout = Some(self.timeouts.write);
         options.idle_timeout = Some(self.timeouts.idle);
         Box::new(peer)
@@ -115,49 +206,55 @@ mod tests {
     use crate::config::{HealthSettings, defaults};
     use std::time::Duration;
 
-    fn timeouts() -> Timeouts {
-        Timeouts {
-            connect: defaults::CONNECT_TIMEOUT,
-            read: defaults::READ_TIMEOUT,
-            write: defaults::WRITE_TIMEOUT,
-            idle: defaults::IDLE_TIMEOUT,
+    fn service(when_all_unhealthy: AllUnhealthy) -> ServiceConfig {
+        ServiceConfig {
+            name: "svc".into(),
+            instances: Vec::new(),
+            load_balancing: LoadBalancing::RoundRobin,
+            health: HealthSettings {
+                path: "/".into(),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+            },
+            timeouts: Timeouts {
+                connect: defaults::CONNECT_TIMEOUT,
+                read: defaults::READ_TIMEOUT,
+                write: defaults::WRITE_TIMEOUT,
+                idle: defaults::IDLE_TIMEOUT,
+                total: defaults::TOTAL_TIMEOUT,
+            },
+            retries: 2,
+            when_all_unhealthy,
+            outlier: OutlierSettings {
+                consecutive_failures: 5,
+                ejection_time: Duration::from_secs(10),
+            },
         }
     }
 
-    fn healthy(port: u16) -> Arc<InstanceHealth> {
+    fn instance(port: u16, healthy: bool) -> Arc<InstanceHealth> {
         let socket: SocketAddr = ([127, 0, 0, 1], port).into();
         let h = Arc::new(InstanceHealth::new("svc", &socket.to_string(), socket));
-        let settings = HealthSettings {
-            path: "/".into(),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            healthy_threshold: 1,
-            unhealthy_threshold: 1,
-        };
-        h.observe(Ok(()), &settings);
+        if healthy {
+            h.observe(Ok(()), &service(AllUnhealthy::FailFast).health);
+        }
         h
     }
 
     #[test]
     fn round_robin_over_ready_instances_skipping_excluded() {
-        let (a, b, c) = (healthy(1), healthy(2), healthy(3));
-        let unknown = Arc::new(InstanceHealth::new(
-            "svc",
-            "127.0.0.1:4",
-            ([127, 0, 0, 1], 4).into(),
-        ));
+        let (a, b, c) = (instance(1, true), instance(2, true), instance(3, true));
+        let unknown = instance(4, false);
         let up = Upstream::new(
-            "svc",
+            &service(AllUnhealthy::FailFast),
             vec![a.clone(), b.clone(), c.clone(), unknown],
-            LoadBalancing::RoundRobin,
-            timeouts(),
         )
         .unwrap();
         let mut counts = std::collections::HashMap::new();
         for _ in 0..30 {
-            *counts
-                .entry(up.select(&[]).unwrap().socket.port())
-                .or_insert(0) += 1;
+            *counts.entry(up.select(&[]).unwrap().socket.port()).or_insert(0) += 1;
         }
         assert_eq!(counts.len(), 3, "never the unchecked instance: {counts:?}");
         assert!(counts.values().all(|n| *n == 10), "even spread: {counts:?}");
@@ -166,6 +263,40 @@ mod tests {
             assert_eq!(picked.socket, c.socket);
         }
         assert!(up.select(&[a.socket, b.socket, c.socket]).is_none());
-        assert!(!up.has_other_ready(&[a.socket, b.socket, c.socket]));
+        assert!(!up.has_other_choice(&[a.socket, b.socket, c.socket]));
+    }
+
+    #[test]
+    fn all_unhealthy_fails_fast_or_open_as_configured() {
+        let (a, b) = (instance(1, false), instance(2, false));
+        let fast = Upstream::new(&service(AllUnhealthy::FailFast), vec![a.clone(), b.clone()]).unwrap();
+        assert!(fast.select(&[]).is_none());
+        assert!(!fast.can_take_requests());
+        let open = Upstream::new(&service(AllUnhealthy::FailOpen), vec![a.clone(), b.clone()]).unwrap();
+        assert!(open.can_take_requests());
+        let first = open.select(&[]).unwrap().socket;
+        let second = open.select(&[first]).unwrap().socket;
+        assert_ne!(first, second);
+        assert!(open.select(&[first, second]).is_none());
+    }
+
+    #[test]
+    fn the_retry_budget_caps_retries_at_a_share_of_requests() {
+        let budget = RetryBudget::default();
+        // The floor: about RETRY_BUDGET_PER_SECOND retries right away.
+        let mut granted = 0;
+        while budget.withdraw() {
+            granted += 1;
+            assert!(granted < 100, "the budget never ran out");
+        }
+        assert!((10..=11).contains(&granted), "{granted}");
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        let mut more = 0;
+        while budget.withdraw() {
+            more += 1;
+        }
+        assert!((20..=21).contains(&more), "100 requests allow ~20 retries: {more}");
     }
 }

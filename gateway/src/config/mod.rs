@@ -19,7 +19,7 @@ pub mod raw;
 mod tests;
 mod validate;
 
-pub use raw::LoadBalancing;
+pub use raw::{AllUnhealthy, LoadBalancing};
 pub use validate::{RESERVED_PATHS, segment_prefix_of};
 
 /// Active health-check defaults, applied where the file says nothing.
@@ -47,6 +47,29 @@ pub mod defaults {
     /// Pooled idle upstream connections are closed after this, before
     /// typical backend keep-alive limits (60 s and up) close them under us.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// A whole request, first byte sent upstream to last byte back: long
+    /// enough for any API call, short enough that nothing hangs forever.
+    pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Further attempts on other instances: enough to ride out one or two
+    /// dead instances, few enough not to multiply load.
+    pub const RETRIES: u32 = 2;
+    /// Consecutive failures (connection errors, 5xx) that eject an instance
+    /// without waiting for the next active check.
+    pub const OUTLIER_CONSECUTIVE_FAILURES: u32 = 5;
+    /// How long an ejected instance stays out before checks may re-admit it.
+    pub const OUTLIER_EJECTION_TIME: Duration = Duration::from_secs(10);
+    /// A client must send a request's whole header within this (slowloris),
+    /// and may stay idle between keep-alive requests no longer than this.
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Largest request header (request line and fields); larger gets 431.
+    /// Generous for cookies and tokens, far below Pingora's hard 1 MiB.
+    pub const MAX_HEADER_SIZE: u64 = 64 * 1024;
+    /// Open client connections; more are closed at once. Below the 20 000
+    /// file descriptors these machines allow, leaving room for upstreams.
+    pub const MAX_CONNECTIONS: usize = 8_192;
+    /// In-flight requests may finish for this long after SIGTERM; well under
+    /// the 30 s orchestrators usually wait before SIGKILL.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 }
 
 /// A validated gateway configuration.
@@ -56,6 +79,9 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Worker threads of the proxy service.
     pub threads: usize,
+    pub downstream: Downstream,
+    /// Whole seconds (Pingora counts in seconds).
+    pub shutdown_grace: Duration,
     /// Sorted by name.
     pub services: Vec<ServiceConfig>,
     /// In file order; lookup is by longest prefix, not by order.
@@ -68,6 +94,21 @@ impl Config {
     }
 }
 
+/// Client-side limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Downstream {
+    pub header_timeout: Duration,
+    pub max_header_size: u64,
+    pub max_connections: usize,
+}
+
+/// Passive health: eject after this many consecutive failures (0: never).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierSettings {
+    pub consecutive_failures: u32,
+    pub ejection_time: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
@@ -77,6 +118,9 @@ pub struct ServiceConfig {
     pub load_balancing: LoadBalancing,
     pub health: HealthSettings,
     pub timeouts: Timeouts,
+    pub retries: u32,
+    pub when_all_unhealthy: AllUnhealthy,
+    pub outlier: OutlierSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +138,7 @@ pub struct Timeouts {
     pub read: Duration,
     pub write: Duration,
     pub idle: Duration,
+    pub total: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +147,8 @@ pub struct RouteConfig {
     pub prefix: String,
     pub service: String,
     pub strip_prefix: Option<String>,
+    /// Largest request body accepted (413 beyond); `None`: no limit.
+    pub max_body_size: Option<u64>,
     pub plugins: Vec<PluginConfig>,
 }
 

@@ -23,6 +23,12 @@ pub struct RawConfig {
     pub threads: Option<Spanned<usize>>,
     #[serde(default)]
     pub health_check: RawHealthCheck,
+    /// Limits and timeouts on the client side.
+    #[serde(default)]
+    pub downstream: RawDownstream,
+    /// How long in-flight requests may run after SIGTERM.
+    #[serde(default)]
+    pub shutdown_grace: Option<Spanned<HumanDuration>>,
     pub services: Spanned<BTreeMap<String, RawService>>,
     pub routes: Spanned<Vec<RawRoute>>,
 }
@@ -44,6 +50,17 @@ pub struct RawHealthCheck {
     pub unhealthy_threshold: Option<Spanned<u32>>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDownstream {
+    #[serde(default)]
+    pub header_timeout: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    pub max_header_size: Option<Spanned<ByteSize>>,
+    #[serde(default)]
+    pub max_connections: Option<Spanned<usize>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawService {
@@ -54,6 +71,36 @@ pub struct RawService {
     pub health_check: RawHealthCheck,
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    /// Further attempts on other instances after a failed one.
+    #[serde(default)]
+    pub retries: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub when_all_unhealthy: Option<AllUnhealthy>,
+    #[serde(default)]
+    pub outlier_detection: RawOutlierDetection,
+}
+
+/// What to do when no instance of a service is healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllUnhealthy {
+    /// Answer 503 at once.
+    FailFast,
+    /// Send to every instance anyway, as if all were healthy.
+    FailOpen,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlierDetection {
+    /// Consecutive connection failures or 5xx answers that eject an
+    /// instance at once; 0 turns passive ejection off.
+    #[serde(default)]
+    pub consecutive_failures: Option<Spanned<u32>>,
+    /// How long an ejected instance stays out before active checks may
+    /// bring it back.
+    #[serde(default)]
+    pub ejection_time: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -74,6 +121,8 @@ pub struct RawTimeouts {
     pub write: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     pub idle: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    pub total: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +132,9 @@ pub struct RawRoute {
     pub service: Spanned<String>,
     #[serde(default)]
     pub strip_prefix: Option<Spanned<String>>,
+    /// Largest request body accepted on this route (413 beyond).
+    #[serde(default)]
+    pub max_body_size: Option<Spanned<ByteSize>>,
     #[serde(default)]
     pub plugins: Vec<RawPlugin>,
 }
@@ -113,6 +165,53 @@ pub struct RawHeaderEdits {
     /// Headers removed.
     #[serde(default)]
     pub remove: Vec<String>,
+}
+
+/// A size in bytes: a number, or text such as `64KiB`, `10MiB`, `1GB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<u64, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("invalid size {text:?}; write e.g. 65536, 64KiB, 10MiB"))?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB, GiB, KB, MB or GB")),
+        };
+        number
+            .checked_mul(factor)
+            .ok_or_else(|| format!("size {text:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(u64),
+            Text(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Number(n) => Ok(ByteSize(n)),
+            Written::Text(text) => ByteSize::parse(&text)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// A duration written for humans: `500ms`, `2s`, `1m30s`.

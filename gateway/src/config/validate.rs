@@ -10,11 +10,11 @@ use http::{HeaderName, HeaderValue};
 use serde_saphyr::Spanned;
 
 use super::raw::{
-    HumanDuration, LoadBalancing, RawConfig, RawHeaderEdits, RawHealthCheck, RawPlugin, RawRoute,
+    AllUnhealthy, HumanDuration, LoadBalancing, RawConfig, RawHeaderEdits, RawHealthCheck, RawPlugin, RawRoute,
     RawService, RawTimeouts,
 };
 use super::{
-    Config, ConfigError, HeaderEdits, HeadersPluginConfig, HealthSettings, PluginConfig,
+    Config, ConfigError, Downstream, HeaderEdits, OutlierSettings, HeadersPluginConfig, HealthSettings, PluginConfig,
     RouteConfig, ServiceConfig, Timeouts, defaults,
 };
 
@@ -58,6 +58,15 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         None => std::thread::available_parallelism().map_or(1, usize::from),
     };
 
+    let downstream = downstream(&raw, &mut problems);
+    let shutdown_grace = match &raw.shutdown_grace {
+        Some(grace) if grace.value.0.subsec_nanos() != 0 => {
+            problems.at(grace, "shutdown_grace must be whole seconds");
+            grace.value.0
+        }
+        Some(grace) => grace.value.0,
+        None => defaults::SHUTDOWN_GRACE,
+    };
     let base_health = health_settings(&raw.health_check, None, &mut problems);
     if raw.services.value.is_empty() {
         problems.at(&raw.services, "at least one service is required");
@@ -78,9 +87,44 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         listen: listen.unwrap_or_else(unreachable_default),
         admin_listen: admin_listen.flatten(),
         threads,
+        downstream,
+        shutdown_grace,
         services,
         routes,
     })
+}
+
+fn downstream(raw: &RawConfig, problems: &mut Problems) -> Downstream {
+    let d = &raw.downstream;
+    let header_timeout = match &d.header_timeout {
+        Some(t) if t.value.0.is_zero() => {
+            problems.at(t, "downstream.header_timeout must be greater than zero");
+            t.value.0
+        }
+        Some(t) => t.value.0,
+        None => defaults::HEADER_TIMEOUT,
+    };
+    let max_header_size = match &d.max_header_size {
+        Some(s) if !(1024..=1_048_575).contains(&s.value.0) => {
+            problems.at(s, "downstream.max_header_size must be between 1KiB and 1MiB - 1");
+            s.value.0
+        }
+        Some(s) => s.value.0,
+        None => defaults::MAX_HEADER_SIZE,
+    };
+    let max_connections = match &d.max_connections {
+        Some(n) if n.value == 0 => {
+            problems.at(n, "downstream.max_connections must be at least 1");
+            1
+        }
+        Some(n) => n.value,
+        None => defaults::MAX_CONNECTIONS,
+    };
+    Downstream {
+        header_timeout,
+        max_header_size,
+        max_connections,
+    }
 }
 
 /// Only reached if an error was recorded, which returns early; keeps the
@@ -263,6 +307,23 @@ fn service_config(
         load_balancing: raw.load_balancing.unwrap_or(LoadBalancing::RoundRobin),
         health: health_settings(&raw.health_check, Some(base_health), problems),
         timeouts: timeouts(name, &raw.timeouts, problems),
+        retries: raw.retries.as_ref().map_or(defaults::RETRIES, |r| r.value),
+        when_all_unhealthy: raw.when_all_unhealthy.unwrap_or(AllUnhealthy::FailFast),
+        outlier: OutlierSettings {
+            consecutive_failures: raw
+                .outlier_detection
+                .consecutive_failures
+                .as_ref()
+                .map_or(defaults::OUTLIER_CONSECUTIVE_FAILURES, |n| n.value),
+            ejection_time: match &raw.outlier_detection.ejection_time {
+                Some(t) if t.value.0.is_zero() => {
+                    problems.at(t, format!("service {name}: outlier_detection.ejection_time must be greater than zero"));
+                    t.value.0
+                }
+                Some(t) => t.value.0,
+                None => defaults::OUTLIER_EJECTION_TIME,
+            },
+        },
     }
 }
 
@@ -284,6 +345,7 @@ fn timeouts(service: &str, raw: &RawTimeouts, problems: &mut Problems) -> Timeou
         read: one(&raw.read, defaults::READ_TIMEOUT, "read"),
         write: one(&raw.write, defaults::WRITE_TIMEOUT, "write"),
         idle: one(&raw.idle, defaults::IDLE_TIMEOUT, "idle"),
+        total: one(&raw.total, defaults::TOTAL_TIMEOUT, "total"),
     }
 }
 
@@ -377,6 +439,7 @@ fn routes(
             prefix: prefix.clone(),
             service: route.service.value.clone(),
             strip_prefix: route.strip_prefix.as_ref().map(|s| s.value.clone()),
+            max_body_size: route.max_body_size.as_ref().map(|s| s.value.0),
             plugins,
         });
     }
