@@ -6,6 +6,7 @@
 //!   (errors with line and column, settings that need a restart).
 //! - `POST /admin/reload`: reload now, even if the file did not change;
 //!   answers the outcome (422 if the file was rejected).
+//! - `GET /admin/stats`: requests in flight right now.
 //!
 //! Served by axum on the control runtime, away from the proxy's threads.
 
@@ -25,6 +26,7 @@ pub fn router(reloader: Arc<Reloader>) -> Router {
     Router::new()
         .route("/admin/config", get(config))
         .route("/admin/reload", post(reload))
+        .route("/admin/stats", get(stats))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -112,6 +114,13 @@ async fn config(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
         "services": services,
         "routes": routes,
         "last_reload": reloader.last_attempt().as_ref().map(attempt_json),
+    }))
+}
+
+async fn stats(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
+    axum::Json(json!({
+        "in_flight": crate::shutdown::in_flight(),
+        "version": reloader.current().load().version,
     }))
 }
 

@@ -62,7 +62,10 @@ impl HeaderDeadlines {
     /// The connection on `fd` must deliver a request header within `timeout`.
     pub fn arm(&self, fd: i32, timeout: Duration) {
         if let Some(slot) = self.slot(fd) {
-            slot.store(self.now_ms() + timeout.as_millis() as u64, Ordering::Relaxed);
+            slot.store(
+                self.now_ms() + timeout.as_millis() as u64,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -102,7 +105,11 @@ pub struct GuardedProxy {
 }
 
 impl GuardedProxy {
-    pub fn new(inner: HttpProxy<Gateway>, current: Arc<CurrentSnapshot>, deadlines: Arc<HeaderDeadlines>) -> Self {
+    pub fn new(
+        inner: HttpProxy<Gateway>,
+        current: Arc<CurrentSnapshot>,
+        deadlines: Arc<HeaderDeadlines>,
+    ) -> Self {
         Self {
             inner: Arc::new(inner),
             current,
@@ -122,12 +129,20 @@ impl Drop for OpenConnection<'_> {
 
 #[async_trait]
 impl ServerApp for GuardedProxy {
-    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         let limits = self.current.load().config.downstream;
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let _open = OpenConnection(&self.open);
         if open > limits.max_connections {
-            tracing::warn!(open, limit = limits.max_connections, "too many client connections: closing a new one");
+            tracing::warn!(
+                open,
+                limit = limits.max_connections,
+                "too many client connections: closing a new one"
+            );
             return None;
         }
         let fd = stream.id();

@@ -121,6 +121,9 @@ pub async fn respond_json(
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
     header.insert_header(REQUEST_ID, request_id)?;
+    if crate::shutdown::draining() {
+        session.set_keepalive(None);
+    }
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(header), head_only)

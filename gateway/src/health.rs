@@ -486,4 +486,37 @@ mod tests {
             "then it needs healthy_threshold successes"
         );
     }
+
+    #[test]
+    fn passive_failures_eject_and_hold_out_for_the_ejection_time() {
+        let s = settings(1, 1);
+        let outlier = OutlierSettings {
+            consecutive_failures: 3,
+            ejection_time: Duration::from_millis(200),
+        };
+        let h = InstanceHealth::new("svc", "127.0.0.1:1", "127.0.0.1:1".parse().unwrap());
+        h.observe(Ok(()), &s);
+        assert!(!h.record_passive(false, &outlier, || true));
+        assert!(
+            !h.record_passive(true, &outlier, || true),
+            "a success resets the count"
+        );
+        assert!(!h.record_passive(false, &outlier, || true));
+        assert!(!h.record_passive(false, &outlier, || true));
+        assert!(
+            !h.record_passive(false, &outlier, || false),
+            "never the last instance"
+        );
+        assert!(h.is_ready());
+        assert!(h.record_passive(false, &outlier, || true));
+        assert!(!h.is_ready());
+        assert_eq!(
+            h.observe(Ok(()), &s),
+            None,
+            "probes do not count while ejected"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(h.observe(Ok(()), &s), Some(Status::Healthy));
+        assert!(h.is_ready());
+    }
 }

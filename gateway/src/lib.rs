@@ -19,8 +19,8 @@
 
 pub mod admin;
 pub mod config;
-pub mod downstream;
 pub mod discovery;
+pub mod downstream;
 pub mod endpoints;
 pub mod errors;
 pub mod forwarding;

@@ -46,7 +46,7 @@ use crate::errors::{self, GatewayError};
 use crate::forwarding::{self, REQUEST_ID};
 use crate::health::InstanceHealth;
 use crate::routing;
-use crate::shutdown::InFlight;
+use crate::shutdown::{self, InFlight};
 use crate::snapshot::{CurrentSnapshot, Route, Snapshot};
 use crate::upstream::Upstream;
 
@@ -134,7 +134,9 @@ fn path_problem(path: &str) -> Option<&'static str> {
     if path
         .split('/')
         .any(|segment| matches!(segment, "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."))
-        || lower.split('/').any(|segment| matches!(segment, "%2e" | "%2e%2e" | ".%2e" | "%2e."))
+        || lower
+            .split('/')
+            .any(|segment| matches!(segment, "%2e" | "%2e%2e" | ".%2e" | "%2e."))
     {
         return Some("dot segment in path");
     }
@@ -168,7 +170,9 @@ impl Gateway {
     /// left, another instance to go to, and the retry budget agrees.
     fn another_attempt(ctx: &RequestCtx) -> bool {
         ctx.upstream().is_some_and(|upstream| {
-            ctx.attempts() <= upstream.retries && upstream.has_other_choice(&ctx.tried) && upstream.budget.withdraw()
+            ctx.attempts() <= upstream.retries
+                && upstream.has_other_choice(&ctx.tried)
+                && upstream.budget.withdraw()
         })
     }
 
@@ -201,7 +205,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<()> {
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
         if let Some(fd) = connection_fd(session) {
             self.deadlines.disarm(fd);
         }
@@ -214,7 +222,9 @@ impl ProxyHttp for Gateway {
             Some(GatewayError::HeaderTooLarge { limit })
         } else if let Some(reason) = path_problem(request.uri.path()) {
             Some(GatewayError::BadRequest { reason })
-        } else if request.headers.contains_key(http::header::TRANSFER_ENCODING)
+        } else if request
+            .headers
+            .contains_key(http::header::TRANSFER_ENCODING)
             && session
                 .as_downstream()
                 .to_h1_raw()
@@ -240,7 +250,11 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
         if ctx.local_status.is_some() {
             return Ok(true); // answered in early_request_filter
         }
@@ -255,7 +269,9 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         let Some(route_index) = snapshot.routes.find(path) else {
-            return self.answer_locally(session, ctx, GatewayError::NoRoute).await;
+            return self
+                .answer_locally(session, ctx, GatewayError::NoRoute)
+                .await;
         };
         ctx.route = Some(route_index);
         let Some(route) = snapshot.routes.get(route_index) else {
@@ -313,23 +329,35 @@ impl ProxyHttp for Gateway {
             && ctx.body_bytes > limit
         {
             ctx.failure = Some(GatewayError::PayloadTooLarge { limit });
-            return Error::e_explain(ErrorType::HTTPStatus(413), "request body over the route's limit");
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                "request body over the route's limit",
+            );
         }
         Ok(())
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         let Some(upstream) = ctx.upstream().cloned() else {
             return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
         };
-        let deadline = *ctx.deadline.get_or_insert_with(|| Instant::now() + upstream.timeouts.total);
+        let deadline = *ctx
+            .deadline
+            .get_or_insert_with(|| Instant::now() + upstream.timeouts.total);
         let time_left = deadline.saturating_duration_since(Instant::now());
         if time_left.is_zero() {
             ctx.timeout = Some("total");
             ctx.failure = Some(GatewayError::UpstreamTimeout {
                 service: upstream.name.clone(),
             });
-            return Error::e_explain(ErrorType::HTTPStatus(504), "total timeout before an attempt");
+            return Error::e_explain(
+                ErrorType::HTTPStatus(504),
+                "total timeout before an attempt",
+            );
         }
         // A stale pooled connection is the connection's fault, not the
         // instance's: that instance may be chosen again.
@@ -354,7 +382,10 @@ impl ProxyHttp for Gateway {
                     (GatewayError::ConnectFailed { service }, 502)
                 };
                 ctx.failure = Some(failure);
-                Error::e_explain(ErrorType::HTTPStatus(status), "no instance to send the request to")
+                Error::e_explain(
+                    ErrorType::HTTPStatus(status),
+                    "no instance to send the request to",
+                )
             }
         }
     }
@@ -428,7 +459,9 @@ impl ProxyHttp for Gateway {
             let uri = http::Uri::builder()
                 .path_and_query(path_and_query)
                 .build()
-                .map_err(|err| Error::because(ErrorType::InternalError, "rewriting the path", err))?;
+                .map_err(|err| {
+                    Error::because(ErrorType::InternalError, "rewriting the path", err)
+                })?;
             upstream_request.set_uri(uri);
         }
         let client_ip = session
@@ -456,10 +489,13 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        if shutdown::draining() {
+            session.set_keepalive(None);
+        }
         forwarding::strip_hop_by_hop(upstream_response);
         upstream_response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(route) = ctx.route() {
@@ -477,16 +513,27 @@ impl ProxyHttp for Gateway {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Option<Duration>> {
-        if ctx.deadline.is_some_and(|deadline| Instant::now() > deadline) {
+        if ctx
+            .deadline
+            .is_some_and(|deadline| Instant::now() > deadline)
+        {
             ctx.timeout = Some("total");
-            let mut error = Error::explain(ErrorType::ReadTimedout, "total request timeout while streaming the response");
+            let mut error = Error::explain(
+                ErrorType::ReadTimedout,
+                "total request timeout while streaming the response",
+            );
             error.esource = ErrorSource::Upstream;
             return Err(error);
         }
         Ok(None)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let service = ctx.upstream().map_or("upstream", |u| u.name.as_str());
         let failure = ctx
             .failure
@@ -516,7 +563,8 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if let (Some(fd), Some(snapshot)) = (connection_fd(session), &ctx.snapshot) {
-            self.deadlines.arm(fd, snapshot.config.downstream.header_timeout);
+            self.deadlines
+                .arm(fd, snapshot.config.downstream.header_timeout);
         }
         let request = session.req_header();
         let status = ctx
@@ -547,7 +595,17 @@ mod tests {
     #[test]
     fn absurd_paths_are_refused() {
         for bad in [
-            "/a/../b", "/a/..", "/./a", "/a/%2e%2e/b", "/a/%2E/b", "/a%2fb", "/a%2Fb", "/a%5cb", "/a\\b", "/a%00", "a",
+            "/a/../b",
+            "/a/..",
+            "/./a",
+            "/a/%2e%2e/b",
+            "/a/%2E/b",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a\\b",
+            "/a%00",
+            "a",
         ] {
             assert!(path_problem(bad).is_some(), "{bad}");
         }

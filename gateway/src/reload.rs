@@ -29,6 +29,8 @@ use crate::snapshot::{CurrentSnapshot, Snapshot};
 /// Quiet time after the last file event before reloading: editors write in
 /// several steps, and one reload per save is enough.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Longest a burst of events may postpone a reload.
+pub const DEBOUNCE_LIMIT: Duration = Duration::from_millis(500);
 /// How often the file is compared with what is loaded even without events
 /// (bind mounts and network filesystems may send none).
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -229,11 +231,23 @@ impl Reloader {
     ) -> notify::Result<()> {
         let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let file_name = self.path.file_name().map(ToOwned::to_owned);
+        let via_symlink =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_symlink());
+        let watched_name = file_name.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                // Any event in the directory may concern the file (renames and
-                // symlink swaps name other paths); the byte comparison decides.
-                if event.is_ok() {
+                // Events about the file itself, or any event if the file is a
+                // symlink (Kubernetes swaps a `..data` link beside it); other
+                // files in the directory (a log file, say) do not count. The
+                // byte comparison in `reload` has the last word.
+                let Ok(event) = event else { return };
+                let concerns_file = via_symlink
+                    || event.paths.iter().any(|path| {
+                        let name = path.file_name();
+                        name == watched_name.as_deref()
+                            || name.is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                    });
+                if concerns_file {
                     let _ = events_tx.send(());
                 }
             })?;
@@ -255,8 +269,15 @@ impl Reloader {
                         if event.is_none() {
                             return;
                         }
-                        // Debounce: wait until the directory is quiet.
-                        while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events_rx.recv()).await {}
+                        // Debounce: wait until the file is quiet, but never
+                        // longer than DEBOUNCE_LIMIT.
+                        let limit = tokio::time::Instant::now() + DEBOUNCE_LIMIT;
+                        while tokio::time::Instant::now() < limit {
+                            match tokio::time::timeout(DEBOUNCE, events_rx.recv()).await {
+                                Ok(Some(())) => continue,
+                                _ => break,
+                            }
+                        }
                     }
                     _ = poll.tick() => {}
                 }

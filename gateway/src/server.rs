@@ -11,12 +11,12 @@ use pingora::prelude::Server;
 use pingora::server::configuration::ServerConf;
 
 use crate::admin;
-use crate::downstream::{GuardedProxy, HeaderDeadlines};
-use crate::shutdown;
 use crate::config::{self, Config};
+use crate::downstream::{GuardedProxy, HeaderDeadlines};
 use crate::health::HealthRegistry;
 use crate::proxy::Gateway;
 use crate::reload::{self, Reloader};
+use crate::shutdown;
 use crate::snapshot::{CurrentSnapshot, Snapshot};
 
 /// Seconds the runtimes get to wind down after the grace period (only

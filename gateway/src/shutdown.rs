@@ -8,11 +8,16 @@
 //! does: it counts the requests in flight and exits the process as soon as
 //! none is left (or when `shutdown_grace` is over).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Requests between header and last byte, process-wide.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+/// Set once a shutdown or hand-over started: answers then say
+/// `Connection: close`, so clients move to fresh connections (served by the
+/// new process, or refused and retried) instead of reusing one that is
+/// about to be closed under them.
+static DRAINING: AtomicBool = AtomicBool::new(false);
 
 /// Pingora keeps accepting for this long after SIGQUIT, so the new process
 /// and the old one overlap (its `CLOSE_TIMEOUT`).
@@ -37,6 +42,11 @@ impl Drop for InFlight {
     }
 }
 
+/// Whether the process is shutting down or handing over.
+pub fn draining() -> bool {
+    DRAINING.load(Ordering::Relaxed)
+}
+
 /// Requests in flight now.
 pub fn in_flight() -> usize {
     IN_FLIGHT.load(Ordering::Relaxed)
@@ -55,11 +65,16 @@ pub fn spawn_drain_watch(runtime: &tokio::runtime::Handle, grace: Duration) -> s
             _ = terminate.recv() => false,
             _ = quit.recv() => true,
         };
+        DRAINING.store(true, Ordering::Relaxed);
         if upgrade {
             tracing::info!("SIGQUIT: handing the listeners to the new process");
             tokio::time::sleep(UPGRADE_OVERLAP + DRAIN_POLL).await;
         }
-        tracing::info!(in_flight = in_flight(), ?grace, "shutting down: no new connections, finishing requests in flight");
+        tracing::info!(
+            in_flight = in_flight(),
+            ?grace,
+            "shutting down: no new connections, finishing requests in flight"
+        );
         let deadline = tokio::time::Instant::now() + grace;
         let mut idle_checks = 0;
         while tokio::time::Instant::now() < deadline {
@@ -70,7 +85,10 @@ pub fn spawn_drain_watch(runtime: &tokio::runtime::Handle, grace: Duration) -> s
             }
             tokio::time::sleep(DRAIN_POLL).await;
         }
-        tracing::warn!(in_flight = in_flight(), "grace period over: exiting with requests still in flight");
+        tracing::warn!(
+            in_flight = in_flight(),
+            "grace period over: exiting with requests still in flight"
+        );
         std::process::exit(0);
     });
     Ok(())

@@ -81,11 +81,11 @@ impl Snapshot {
                 .iter()
                 .filter_map(|i| health.get(&(service.name.clone(), i.socket)).cloned())
                 .collect();
-            let upstream = Upstream::new(service, handles)
-            .map_err(|source| BuildError::Balancer {
-                service: service.name.clone(),
-                source,
-            })?;
+            let upstream =
+                Upstream::new(service, handles).map_err(|source| BuildError::Balancer {
+                    service: service.name.clone(),
+                    source,
+                })?;
             upstreams.insert(service.name.as_str(), Arc::new(upstream));
         }
         let routes = RouteTable::new(config.routes.iter().filter_map(|route| {

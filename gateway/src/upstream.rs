@@ -102,7 +102,10 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    pub fn new(service: &ServiceConfig, instances: Vec<Arc<InstanceHealth>>) -> std::io::Result<Self> {
+    pub fn new(
+        service: &ServiceConfig,
+        instances: Vec<Arc<InstanceHealth>>,
+    ) -> std::io::Result<Self> {
         let sockets: Vec<SocketAddr> = instances.iter().map(|i| i.socket).collect();
         let balancer = match service.load_balancing {
             LoadBalancing::RoundRobin => {
@@ -164,12 +167,22 @@ impl Upstream {
                 .and_then(|socket| self.instance(*socket))
                 .is_some_and(|i| (!healthy_only || i.is_ready()) && !exclude.contains(&i.socket))
         };
-        let tries = self.instances.len();
+        // Other threads advance the shared round-robin counter between our
+        // steps, so a few passes may see the same instance twice: allow
+        // several, then fall back to a scan so that an acceptable instance
+        // is never missed.
+        let tries = self.instances.len() * 4;
         let backend = match &self.balancer {
             Balancer::RoundRobin(lb) => lb.select_with(b"", tries, accept),
-            Balancer::Random(lb) => lb.select_with(b"", tries * 4, accept),
-        }?;
-        self.instance(*backend.addr.as_inet()?)
+            Balancer::Random(lb) => lb.select_with(b"", tries, accept),
+        };
+        match backend.and_then(|b| b.addr.as_inet().copied()) {
+            Some(socket) => self.instance(socket),
+            None => self
+                .instances
+                .iter()
+                .find(|i| (!healthy_only || i.is_ready()) && !exclude.contains(&i.socket)),
+        }
     }
 
     /// Whether any instance is in rotation.
@@ -254,7 +267,9 @@ mod tests {
         .unwrap();
         let mut counts = std::collections::HashMap::new();
         for _ in 0..30 {
-            *counts.entry(up.select(&[]).unwrap().socket.port()).or_insert(0) += 1;
+            *counts
+                .entry(up.select(&[]).unwrap().socket.port())
+                .or_insert(0) += 1;
         }
         assert_eq!(counts.len(), 3, "never the unchecked instance: {counts:?}");
         assert!(counts.values().all(|n| *n == 10), "even spread: {counts:?}");
@@ -269,10 +284,12 @@ mod tests {
     #[test]
     fn all_unhealthy_fails_fast_or_open_as_configured() {
         let (a, b) = (instance(1, false), instance(2, false));
-        let fast = Upstream::new(&service(AllUnhealthy::FailFast), vec![a.clone(), b.clone()]).unwrap();
+        let fast =
+            Upstream::new(&service(AllUnhealthy::FailFast), vec![a.clone(), b.clone()]).unwrap();
         assert!(fast.select(&[]).is_none());
         assert!(!fast.can_take_requests());
-        let open = Upstream::new(&service(AllUnhealthy::FailOpen), vec![a.clone(), b.clone()]).unwrap();
+        let open =
+            Upstream::new(&service(AllUnhealthy::FailOpen), vec![a.clone(), b.clone()]).unwrap();
         assert!(open.can_take_requests());
         let first = open.select(&[]).unwrap().socket;
         let second = open.select(&[first]).unwrap().socket;
@@ -297,6 +314,9 @@ mod tests {
         while budget.withdraw() {
             more += 1;
         }
-        assert!((20..=21).contains(&more), "100 requests allow ~20 retries: {more}");
+        assert!(
+            (20..=21).contains(&more),
+            "100 requests allow ~20 retries: {more}"
+        );
     }
 }

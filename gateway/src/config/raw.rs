@@ -189,7 +189,11 @@ impl ByteSize {
             "KB" | "kB" => 1_000,
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
-            other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB, GiB, KB, MB or GB")),
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?}; use B, KiB, MiB, GiB, KB, MB or GB"
+                ));
+            }
         };
         number
             .checked_mul(factor)

@@ -10,12 +10,12 @@ use http::{HeaderName, HeaderValue};
 use serde_saphyr::Spanned;
 
 use super::raw::{
-    AllUnhealthy, HumanDuration, LoadBalancing, RawConfig, RawHeaderEdits, RawHealthCheck, RawPlugin, RawRoute,
-    RawService, RawTimeouts,
+    AllUnhealthy, HumanDuration, LoadBalancing, RawConfig, RawHeaderEdits, RawHealthCheck,
+    RawPlugin, RawRoute, RawService, RawTimeouts,
 };
 use super::{
-    Config, ConfigError, Downstream, HeaderEdits, OutlierSettings, HeadersPluginConfig, HealthSettings, PluginConfig,
-    RouteConfig, ServiceConfig, Timeouts, defaults,
+    Config, ConfigError, Downstream, HeaderEdits, HeadersPluginConfig, HealthSettings,
+    OutlierSettings, PluginConfig, RouteConfig, ServiceConfig, Timeouts, defaults,
 };
 
 /// Paths the gateway answers itself; a route may not take them.
@@ -106,7 +106,10 @@ fn downstream(raw: &RawConfig, problems: &mut Problems) -> Downstream {
     };
     let max_header_size = match &d.max_header_size {
         Some(s) if !(1024..=1_048_575).contains(&s.value.0) => {
-            problems.at(s, "downstream.max_header_size must be between 1KiB and 1MiB - 1");
+            problems.at(
+                s,
+                "downstream.max_header_size must be between 1KiB and 1MiB - 1",
+            );
             s.value.0
         }
         Some(s) => s.value.0,

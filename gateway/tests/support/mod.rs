@@ -28,6 +28,10 @@ struct BackendState {
     hits: Arc<AtomicU64>,
     /// Client ports seen by the catch-all handler: one per connection.
     peers: Arc<std::sync::Mutex<std::collections::HashSet<u16>>>,
+    /// The catch-all handler answers 500 while set.
+    failing: Arc<AtomicBool>,
+    /// `x-write-id`s received by `POST /write`, in order.
+    writes: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// An HTTP backend on its own runtime. Answers:
@@ -44,6 +48,8 @@ pub struct Backend {
     healthy: Arc<AtomicBool>,
     hits: Arc<AtomicU64>,
     peers: Arc<std::sync::Mutex<std::collections::HashSet<u16>>>,
+    failing: Arc<AtomicBool>,
+    writes: Arc<std::sync::Mutex<Vec<String>>>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -75,11 +81,14 @@ impl Backend {
             healthy: Arc::new(AtomicBool::new(true)),
             hits: Arc::new(AtomicU64::new(0)),
             peers: Arc::default(),
+            failing: Arc::default(),
+            writes: Arc::default(),
         };
         let app = Router::new()
             .route("/health", get(health))
             .route("/upload", post(upload))
             .route("/echo", post(echo))
+            .route("/write", post(write))
             .route("/stream/{chunks}/{millis}", get(stream))
             .route("/slow/{millis}", get(slow))
             .route("/status/{code}", get(status))
@@ -101,6 +110,8 @@ impl Backend {
             healthy: state.healthy,
             hits: state.hits,
             peers: state.peers,
+            failing: state.failing,
+            writes: state.writes,
             runtime: Some(runtime),
         }
     }
@@ -112,6 +123,16 @@ impl Backend {
     /// Requests served, health checks excluded.
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Makes the catch-all handler answer 500 (health checks still pass).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// The write ids `POST /write` recorded.
+    pub fn writes(&self) -> Vec<String> {
+        self.writes.lock().unwrap().clone()
     }
 
     /// Distinct connections that reached the catch-all handler.
@@ -200,6 +221,20 @@ fn tokio_stream_from(
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// Records the request's `x-write-id`, then takes 20 ms to answer, so that
+/// a killed backend has writes in flight.
+async fn write(State(state): State<BackendState>, headers: HeaderMap) -> StatusCode {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let id = headers
+        .get("x-write-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_owned();
+    state.writes.lock().unwrap().push(id);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    StatusCode::CREATED
+}
+
 async fn slow(State(state): State<BackendState>, Path(millis): Path<u64>) -> &'static str {
     state.hits.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(millis)).await;
@@ -220,9 +255,16 @@ async fn describe(
     State(state): State<BackendState>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
     request: Request,
-) -> axum::Json<Value> {
+) -> Response {
     state.hits.fetch_add(1, Ordering::SeqCst);
     state.peers.lock().unwrap().insert(peer.port());
+    if state.failing.load(Ordering::SeqCst) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({ "backend": state.name, "error": "failing" })),
+        )
+            .into_response();
+    }
     let headers: serde_json::Map<String, Value> = request
         .headers()
         .iter()
@@ -239,6 +281,39 @@ async fn describe(
         "uri": request.uri().to_string(),
         "headers": headers,
     }))
+    .into_response()
+}
+
+/// Accepts connections and never answers; holds them until dropped.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl BlackHole {
+    pub fn start() -> BlackHole {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopped.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((socket, _)) => held.push(socket),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        BlackHole { addr, stop }
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }
 
 /// A port that was free a moment ago (the gateway binds it itself).
@@ -284,7 +359,7 @@ impl GatewayProcess {
             .arg(&config_path)
             .env(
                 "RUST_LOG",
-                std::env::var("GATEWAY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("GATEWAY_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -369,6 +444,43 @@ impl GatewayProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends `signal` (e.g. "TERM", "QUIT") to the gateway.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `limit` for the gateway to exit; its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Starts a second gateway on the same configuration with `--upgrade`,
+    /// to take the listeners over once this one gets SIGQUIT.
+    pub fn start_upgrade(&self) -> Child {
+        let log = std::fs::File::create(self._dir.path().join("gateway-new.log")).unwrap();
+        Command::new(GATEWAY)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--upgrade")
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
     }
 
     /// What the gateway printed so far.

@@ -1,0 +1,470 @@
+//! Fault injection: what clients see when backends die, hang or fail, when
+//! clients misbehave, and when the gateway itself is stopped or replaced.
+//! Real backends and the real gateway binary, load generated here, bounded
+//! in count and time.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Backend, BlackHole, GatewayProcess, instance_healthy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const HEALTH: &str = "health_check: { interval: 200ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }\n";
+
+fn one_service(instances: &[std::net::SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = instances.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "{HEALTH}services:\n  s:\n    instances: [{}]\n{extra}routes:\n  - {{ prefix: /, service: s }}\n",
+        list.join(", ")
+    )
+}
+
+/// `clients` tasks sending `GET url` until `until`; returns the number of
+/// 200s and a description of every other outcome.
+async fn get_load(url: String, clients: usize, until: Instant) -> (u64, Vec<String>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let url = url.clone();
+        tasks.spawn(async move {
+            let http = reqwest::Client::new();
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            while Instant::now() < until {
+                match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        });
+    }
+    let (mut ok, mut failed) = (0, Vec::new());
+    while let Some(result) = tasks.join_next().await {
+        let (o, f) = result.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    (ok, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_of_two_instances_under_get_load_shows_no_error() {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let gateway = GatewayProcess::start(&one_service(&[a.addr, b.addr], "")).await;
+    let until = Instant::now() + Duration::from_secs(3);
+    let load = tokio::spawn(get_load(gateway.url("/x"), 20, until));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.kill();
+    let (ok, failed) = load.await.unwrap();
+    eprintln!(
+        "GET load, one of two killed: {ok} ok, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100);
+    assert!(b.hits() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_instance_under_post_load_never_duplicates_a_write() {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let gateway = Arc::new(GatewayProcess::start(&one_service(&[a.addr, b.addr], "")).await);
+    let counter = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let (gateway, counter) = (Arc::clone(&gateway), Arc::clone(&counter));
+        tasks.spawn(async move {
+            let http = reqwest::Client::new();
+            let mut outcomes = Vec::new();
+            while Instant::now() < until {
+                let id = counter.fetch_add(1, Ordering::SeqCst).to_string();
+                let status = match http
+                    .post(gateway.url("/write"))
+                    .header("x-write-id", &id)
+                    .body("payload")
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                };
+                outcomes.push((id, status));
+            }
+            outcomes
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a_writes_before_kill = a.writes().len();
+    let a_writes = {
+        let writes = a.writes();
+        a.kill();
+        writes
+    };
+    let mut outcomes = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        outcomes.extend(result.unwrap());
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for id in a_writes.iter().chain(b.writes().iter()) {
+        *seen.entry(id.clone()).or_default() += 1;
+    }
+    let duplicates: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(duplicates.is_empty(), "written twice: {duplicates:?}");
+    let failures: Vec<u16> = outcomes
+        .iter()
+        .map(|(_, s)| *s)
+        .filter(|s| *s != 201)
+        .collect();
+    assert!(
+        failures.iter().all(|s| *s == 502 || *s == 503),
+        "unclean failures: {failures:?}"
+    );
+    for (id, status) in &outcomes {
+        if *status == 201 {
+            assert_eq!(
+                seen.get(id),
+                Some(&1),
+                "write {id} answered 201 but recorded {:?} times",
+                seen.get(id)
+            );
+        }
+    }
+    eprintln!(
+        "POST load, one of two killed: {} requests, {} failed cleanly ({failures:?}), {a_writes_before_kill} on a before the kill",
+        outcomes.len(),
+        failures.len()
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_never_answers_gets_a_504_and_frees_the_slot() {
+    let hole = BlackHole::start();
+    let gateway = GatewayProcess::start(&one_service(
+        &[hole.addr],
+        "    timeouts: { read: 500ms }\n    when_all_unhealthy: fail_open\n",
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let response = http.get(gateway.url("/x")).send().await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(response.status(), 504);
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["detail"], "s did not answer in time");
+    }
+    // The request's slot is released just after its answer is written.
+    let freed = Instant::now();
+    loop {
+        let stats: Value = reqwest::get(gateway.admin_url("/admin/stats"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if stats["in_flight"] == 0 {
+            break;
+        }
+        assert!(
+            freed.elapsed() < Duration::from_secs(1),
+            "slot not freed: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        gateway.log().contains("timeout=\"read\""),
+        "the access log names the timeout:\n{}",
+        gateway.log()
+    );
+}
+
+#[tokio::test]
+async fn an_instance_answering_500_is_ejected_before_the_next_active_check() {
+    let bad = Backend::start("bad");
+    let good = Backend::start("good");
+    bad.set_failing(true);
+    let gateway = GatewayProcess::start(&format!(
+        "health_check: {{ interval: 60s }}\nservices:\n  s:\n    instances: [\"{}\", \"{}\"]\n    outlier_detection: {{ consecutive_failures: 3, ejection_time: 30s }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        bad.addr, good.addr
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        statuses.push(
+            http.get(gateway.url("/x"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    let errors = statuses.iter().filter(|s| **s == 500).count();
+    assert_eq!(
+        errors, 3,
+        "three 500s pass through, then the instance is out: {statuses:?}"
+    );
+    assert_eq!(bad.hits(), 3);
+    let services: Value = http
+        .get(gateway.url("/services"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        instance_healthy(&services, &bad.addr.to_string()),
+        Some(false)
+    );
+    assert!(
+        services
+            .to_string()
+            .contains("ejected after 3 failed requests"),
+        "{services}"
+    );
+}
+
+#[tokio::test]
+async fn fail_open_sends_to_unhealthy_instances_when_none_is_healthy() {
+    let a = Backend::start("a");
+    a.set_healthy(false);
+    let gateway = GatewayProcess::start(&one_service(
+        &[a.addr],
+        "    when_all_unhealthy: fail_open\n",
+    ))
+    .await;
+    let response = reqwest::get(gateway.url("/x")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let fast = GatewayProcess::start(&one_service(&[a.addr], "")).await;
+    assert_eq!(reqwest::get(fast.url("/x")).await.unwrap().status(), 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_slow_request_finish_refuses_new_ones_and_exits() {
+    let a = Backend::start("a");
+    let mut gateway = GatewayProcess::start(&format!(
+        "shutdown_grace: 5s\n{}",
+        one_service(&[a.addr], "")
+    ))
+    .await;
+    let url = gateway.url("/slow/1500");
+    let slow = tokio::spawn(async move {
+        let started = Instant::now();
+        let response = reqwest::get(url).await.unwrap();
+        (
+            response.status().as_u16(),
+            response.text().await.unwrap(),
+            started.elapsed(),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signalled = Instant::now();
+    gateway.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tokio::net::TcpStream::connect(gateway.addr).await.is_err(),
+        "new connections are refused after SIGTERM"
+    );
+    let (status, body, took) = slow.await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "slow answer"));
+    assert!(took >= Duration::from_millis(1500));
+    let exit = tokio::task::block_in_place(|| gateway.wait_exit(Duration::from_secs(6)));
+    let exited_after = signalled.elapsed();
+    assert!(exit.is_some_and(|s| s.success()), "exited: {exit:?}");
+    assert!(
+        exited_after < Duration::from_secs(3),
+        "exited {exited_after:?} after SIGTERM, not at the end of the grace"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upgrade_under_load_fails_no_request() {
+    let a = Backend::start("a");
+    let mut old = GatewayProcess::start(&one_service(&[a.addr], "")).await;
+    let old_pid = old.pid();
+    let mut new = old.start_upgrade();
+    let until = Instant::now() + Duration::from_secs(9);
+    let load = tokio::spawn(get_load(old.url("/x"), 10, until));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    old.signal("QUIT");
+    let exit = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(8)));
+    assert!(exit.is_some(), "the old gateway exits after handing over");
+    let (ok, failed) = load.await.unwrap();
+    eprintln!(
+        "binary upgrade under load: {ok} ok, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // The new process answers now.
+    let health = reqwest::get(old.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_ne!(new.id(), old_pid);
+    let _ = new.kill();
+    let _ = new.wait();
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_and_blocks_nobody() {
+    let a = Backend::start("a");
+    let gateway = GatewayProcess::start(&format!(
+        "downstream: {{ header_timeout: 1s }}\n{}",
+        one_service(&[a.addr], "")
+    ))
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let started = Instant::now();
+    let request = b"GET /x HTTP/1.1\r\nhost: test\r\nx-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let http = reqwest::Client::new();
+    let mut cut_off_after = None;
+    for byte in request {
+        if slow.write_all(&[*byte]).await.is_err() {
+            cut_off_after = Some(started.elapsed());
+            break;
+        }
+        // Meanwhile, another client is served at once.
+        let quick = Instant::now();
+        assert_eq!(
+            http.get(gateway.url("/x")).send().await.unwrap().status(),
+            200
+        );
+        assert!(quick.elapsed() < Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_millis(1), slow.read(&mut probe)).await
+        {
+            cut_off_after = Some(started.elapsed());
+            break;
+        }
+    }
+    let cut = cut_off_after.expect("the slow client was never cut off");
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_secs(3),
+        "cut off after {cut:?}"
+    );
+}
+
+/// A raw HTTP/1.1 exchange: the status code of the answer (0 if none).
+async fn raw_status(gateway: &GatewayProcess, request: &[u8]) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_at_the_edge() {
+    let a = Backend::start("a");
+    let gateway = GatewayProcess::start(&one_service(&[a.addr], "")).await;
+    let cases: [(&str, &[u8], u16); 7] = [
+        ("CL and TE", b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n4\r\nabcd\r\n0\r\n\r\n", 400),
+        ("two different CLs", b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\ncontent-length: 5\r\nconnection: close\r\n\r\nabcde", 400),
+        ("invalid header byte", b"GET /x HTTP/1.1\r\nhost: t\r\nx-bad: a\x01b\r\nconnection: close\r\n\r\n", 400),
+        ("dot segments", b"GET /a/../etc/passwd HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", 400),
+        ("encoded slash", b"GET /a%2Fb HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", 400),
+        ("encoded dot segment", b"GET /a/%2e%2e/b HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", 400),
+        ("a sane request", b"GET /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", 200),
+    ];
+    for (what, request, expected) in cases {
+        assert_eq!(raw_status(&gateway, request).await, expected, "{what}");
+    }
+    assert_eq!(a.hits(), 1, "only the sane request reached the backend");
+}
+
+#[tokio::test]
+async fn header_body_and_connection_limits() {
+    let a = Backend::start("a");
+    let gateway = GatewayProcess::start(&format!(
+        "downstream: {{ max_header_size: 4KiB, max_connections: 4 }}\n{HEALTH}services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s, max_body_size: 1KiB }}\n",
+        a.addr
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    let response = http
+        .get(gateway.url("/x"))
+        .header("x-big", "a".repeat(5000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 431);
+    let response = http
+        .post(gateway.url("/echo"))
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413, "declared length over the limit");
+    // A chunked body (no declared length) over the limit is stopped while
+    // streaming.
+    let mut chunked = b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"200\r\n");
+        chunked.extend_from_slice(&[b'y'; 512]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(raw_status(&gateway, &chunked).await, 413);
+    assert_eq!(
+        http.post(gateway.url("/echo"))
+            .body(vec![b'x'; 1000])
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Four connections are the limit; a fifth is closed at once. (The
+    // client's pooled connections go first, so only ours count.)
+    drop(http);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(tokio::net::TcpStream::connect(gateway.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fifth = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let _ = fifth.write_all(b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), fifth.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the fifth connection was served: {read:?}"
+    );
+    drop(open);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(reqwest::get(gateway.url("/x")).await.unwrap().status(), 200);
+}
