@@ -159,3 +159,79 @@ fn rendering_is_file_line_column_message() {
         "{text}"
     );
 }
+
+#[test]
+fn resilience_settings_have_defaults_and_are_checked() {
+    let config = parse(GOOD, "good.yaml").unwrap();
+    let orders = config.service("order-service").unwrap();
+    assert_eq!(orders.retries, defaults::RETRIES);
+    assert_eq!(orders.when_all_unhealthy, AllUnhealthy::FailFast);
+    assert_eq!(orders.timeouts.total, defaults::TOTAL_TIMEOUT);
+    assert_eq!(config.downstream.max_header_size, defaults::MAX_HEADER_SIZE);
+    assert_eq!(config.shutdown_grace, defaults::SHUTDOWN_GRACE);
+    assert_eq!(config.routes[0].max_body_size, None);
+
+    let custom = parse(
+        "listen: \"127.0.0.1:1\"
+shutdown_grace: 3s
+downstream: { header_timeout: 2s, max_header_size: 8KiB, max_connections: 100 }
+services:
+  s:
+    instances: [\"127.0.0.1:2\"]
+    retries: 0
+    when_all_unhealthy: fail_open
+    outlier_detection: { consecutive_failures: 0, ejection_time: 1s }
+    timeouts: { total: 5s }
+routes:
+  - { prefix: /, service: s, max_body_size: 10MiB }
+",
+        "custom.yaml",
+    )
+    .unwrap();
+    assert_eq!(custom.downstream.max_header_size, 8192);
+    assert_eq!(custom.downstream.max_connections, 100);
+    assert_eq!(custom.shutdown_grace, Duration::from_secs(3));
+    let s = custom.service("s").unwrap();
+    assert_eq!(
+        (
+            s.retries,
+            s.when_all_unhealthy,
+            s.outlier.consecutive_failures
+        ),
+        (0, AllUnhealthy::FailOpen, 0)
+    );
+    assert_eq!(custom.routes[0].max_body_size, Some(10 * 1024 * 1024));
+
+    let bad = errors(
+        "listen: \"127.0.0.1:1\"
+shutdown_grace: 1500ms
+downstream: { max_header_size: 2MiB, max_connections: 0 }
+services: { s: { instances: [\"127.0.0.1:2\"] } }
+routes:
+  - { prefix: /, service: s, max_body_size: 10 parsecs }
+",
+    );
+    let messages: Vec<&str> = bad.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        messages.iter().any(|m| m.contains("unknown size unit")),
+        "{messages:?}"
+    );
+    assert_eq!(
+        bad.len(),
+        1,
+        "a serde error stops at the first: {messages:?}"
+    );
+    let bad = errors(
+        "listen: \"127.0.0.1:1\"
+shutdown_grace: 1500ms
+downstream: { max_header_size: 2MiB, max_connections: 0 }
+services: { s: { instances: [\"127.0.0.1:2\"] } }
+routes: []
+",
+    );
+    let messages: Vec<&str> = bad.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(bad.len(), 3, "{messages:?}");
+    assert!(messages.iter().any(|m| m.contains("whole seconds")));
+    assert!(messages.iter().any(|m| m.contains("max_header_size")));
+    assert!(messages.iter().any(|m| m.contains("max_connections")));
+}
