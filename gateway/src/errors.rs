@@ -11,7 +11,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::forwarding::REQUEST_ID;
+use crate::forwarding::{REQUEST_ID, RequestId};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
@@ -114,13 +114,13 @@ pub async fn respond_json(
     session: &mut Session,
     status: StatusCode,
     body: Bytes,
-    request_id: &str,
+    request_id: &RequestId,
 ) -> pingora::Result<()> {
     let mut header = ResponseHeader::build(status, Some(4))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    header.insert_header(REQUEST_ID, request_id)?;
+    header.insert_header(REQUEST_ID, request_id.header())?;
     if crate::shutdown::draining() {
         session.set_keepalive(None);
     }
@@ -138,9 +138,9 @@ pub async fn respond_json(
 pub async fn respond(
     session: &mut Session,
     error: &GatewayError,
-    request_id: &str,
+    request_id: &RequestId,
 ) -> pingora::Result<()> {
-    let body = json_body(&error.to_string(), request_id);
+    let body = json_body(&error.to_string(), request_id.as_str());
     respond_json(session, error.status(), body, request_id).await
 }
 

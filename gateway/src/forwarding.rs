@@ -21,15 +21,43 @@ const FORWARDED_HOST: &str = "x-forwarded-host";
 /// Longest client-supplied request id kept; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
+/// A request's id, kept as a header value: the client's is reused as is,
+/// and copies onto the upstream request and the response share one buffer.
+#[derive(Debug, Clone, Default)]
+pub struct RequestId(Option<HeaderValue>);
+
+impl RequestId {
+    pub fn as_str(&self) -> &str {
+        self.0.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-")
+    }
+
+    /// The id as a header value (a reference-counted copy).
+    pub fn header(&self) -> HeaderValue {
+        self.0
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from_static("-"))
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The client's `X-Request-Id` if it is sane (1 to 128 characters of
 /// letters, digits, `-`, `_`, `.`, `:`), else a new one.
-pub fn request_id(request: &RequestHeader) -> String {
-    request
+pub fn request_id(request: &RequestHeader) -> RequestId {
+    let kept = request
         .headers
         .get(REQUEST_ID)
-        .and_then(|value| value.to_str().ok())
-        .filter(|id| is_sane_request_id(id))
-        .map_or_else(new_request_id, str::to_owned)
+        .filter(|value| value.to_str().is_ok_and(is_sane_request_id))
+        .cloned();
+    RequestId(Some(kept.unwrap_or_else(|| {
+        // Hex digits only: always a valid header value.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(new_request_id()))
+            .unwrap_or_else(|_| HeaderValue::from_static("-"))
+    })))
 }
 
 fn is_sane_request_id(id: &str) -> bool {
@@ -64,7 +92,7 @@ fn splitmix64(mut x: u64) -> u64 {
 pub fn set_forwarding_headers(
     request: &mut RequestHeader,
     client_ip: Option<IpAddr>,
-    request_id: &str,
+    request_id: &RequestId,
 ) -> pingora::Result<()> {
     if let Some(ip) = client_ip {
         let forwarded_for = match request
@@ -82,7 +110,7 @@ pub fn set_forwarding_headers(
     if let Some(host) = request.headers.get(http::header::HOST).cloned() {
         request.insert_header(FORWARDED_HOST, host)?;
     }
-    request.insert_header(REQUEST_ID, request_id)?;
+    request.insert_header(REQUEST_ID, request_id.header())?;
     Ok(())
 }
 
@@ -109,11 +137,6 @@ pub fn strip_hop_by_hop(response: &mut ResponseHeader) {
     }
 }
 
-/// The request id as a header value (it is always valid ASCII).
-pub fn header_value(request_id: &str) -> Option<HeaderValue> {
-    HeaderValue::from_str(request_id).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,12 +145,12 @@ mod tests {
     fn request_ids_are_kept_when_sane_and_unique_when_new() {
         let mut request = RequestHeader::build("GET", b"/", None).unwrap();
         request.insert_header(REQUEST_ID, "abc-123").unwrap();
-        assert_eq!(request_id(&request), "abc-123");
+        assert_eq!(request_id(&request).as_str(), "abc-123");
         request
             .insert_header(REQUEST_ID, "bad id with spaces")
             .unwrap();
         let generated = request_id(&request);
-        assert_eq!(generated.len(), 32);
+        assert_eq!(generated.as_str().len(), 32);
         let ids: std::collections::HashSet<String> =
             (0..10_000).map(|_| new_request_id()).collect();
         assert_eq!(ids.len(), 10_000);
@@ -138,7 +161,10 @@ mod tests {
         let mut request = RequestHeader::build("GET", b"/", None).unwrap();
         request.insert_header("host", "shop.example").unwrap();
         request.insert_header(FORWARDED_FOR, "10.0.0.1").unwrap();
-        set_forwarding_headers(&mut request, Some("192.0.2.7".parse().unwrap()), "rid").unwrap();
+        let mut with_id = RequestHeader::build("GET", b"/", None).unwrap();
+        with_id.insert_header(REQUEST_ID, "rid").unwrap();
+        let id = request_id(&with_id);
+        set_forwarding_headers(&mut request, Some("192.0.2.7".parse().unwrap()), &id).unwrap();
         assert_eq!(request.headers[FORWARDED_FOR], "10.0.0.1, 192.0.2.7");
         assert_eq!(request.headers[FORWARDED_PROTO], "http");
         assert_eq!(request.headers[FORWARDED_HOST], "shop.example");

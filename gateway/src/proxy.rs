@@ -39,6 +39,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::Peer;
 use pingora::{Error, ErrorSource, ErrorType};
+use smallvec::SmallVec;
 
 use crate::downstream::HeaderDeadlines;
 use crate::endpoints::Endpoint;
@@ -63,13 +64,14 @@ pub struct Gateway {
 pub struct RequestCtx {
     started: Instant,
     _in_flight: InFlight,
-    request_id: String,
+    request_id: forwarding::RequestId,
     /// The configuration version this request runs on, start to end.
     snapshot: Option<Arc<Snapshot>>,
     /// The matched route: its index in the snapshot's route table.
     route: Option<usize>,
-    /// Instances tried so far, the last one being the current.
-    tried: Vec<SocketAddr>,
+    /// Instances tried so far, the last one being the current (inline: no
+    /// allocation for the usual one to three attempts).
+    tried: SmallVec<[SocketAddr; 4]>,
     /// The instance of the current attempt.
     instance: Option<Arc<InstanceHealth>>,
     /// The next attempt may go to the same instance (a stale pooled
@@ -114,7 +116,12 @@ fn header_size(request: &RequestHeader) -> u64 {
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    (request.method.as_str().len() + request.uri.to_string().len() + 12 + fields) as u64
+    let target = request
+        .uri
+        .path_and_query()
+        .map_or(1, |pq| pq.as_str().len())
+        + request.uri.authority().map_or(0, |a| a.as_str().len());
+    (request.method.as_str().len() + target + 12 + fields) as u64
 }
 
 /// Why a path must not be routed, if it must not: dot segments, encoded
@@ -191,10 +198,10 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             started: Instant::now(),
             _in_flight: InFlight::start(),
-            request_id: String::new(),
+            request_id: forwarding::RequestId::default(),
             snapshot: None,
             route: None,
-            tried: Vec::new(),
+            tried: SmallVec::new(),
             instance: None,
             retry_same: false,
             deadline: None,
@@ -497,7 +504,7 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(None);
         }
         forwarding::strip_hop_by_hop(upstream_response);
-        upstream_response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        upstream_response.insert_header(REQUEST_ID, ctx.request_id.header())?;
         if let Some(route) = ctx.route() {
             for plugin in &route.plugins {
                 plugin.response_filter(upstream_response)?;

@@ -1,0 +1,585 @@
+#!/usr/bin/env python3
+"""The benchmark driver behind bench/run.sh (which installs tools and builds).
+
+Everything runs on 127.0.0.1. Each proxy (the gateway, nginx, HAProxy) gets
+its own bench-hello backend so connection counts never mix, and the same
+number of workers. Rounds alternate the targets, because the machine is
+shared and noisy: a ratio is only meaningful between numbers of one run.
+
+For every target and load shape it reports the median over rounds of
+requests/s, p50 and p99 latency, errors, and CPU microseconds per request of
+the proxy process(es), read from /proc/PID/stat before and after each run.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+WORK = os.path.join(ROOT, "bench", "work")
+RESULTS = os.path.join(ROOT, "bench", "results")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GIB = 1 << 30
+
+
+def log(message):
+    print(f"bench: {message}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status < 500:
+                    return
+        except Exception:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer in {timeout} s")
+
+
+class Processes:
+    """Every process the run starts; all stopped at the end."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, argv, **kwargs):
+        logfile = open(os.path.join(WORK, f"{name}.log"), "w")
+        proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self):
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def children(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    kids.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return kids
+
+
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def oha_json_flag():
+    help_text = subprocess.run(["oha", "--help"], capture_output=True, text=True).stdout
+    return ["--output-format", "json"] if "--output-format" in help_text else ["-j"]
+
+
+def oha(url, connections, seconds, method="GET", body=None, headers=()):
+    argv = ["oha", "--no-tui", *OHA_JSON, "-z", f"{seconds}s", "-c", str(connections), "-m", method]
+    for header in headers:
+        argv += ["-H", header]
+    if body is not None:
+        argv += ["-d", body]
+    argv.append(url)
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    summary = data["summary"]
+    statuses = {int(k): v for k, v in (data.get("statusCodeDistribution") or {}).items()}
+    errors = sum((data.get("errorDistribution") or {}).values())
+    ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
+    failed = errors + sum(v for k, v in statuses.items() if not 200 <= k < 300)
+    pct = data.get("latencyPercentiles") or {}
+    return {
+        "rps": summary.get("requestsPerSec") or 0.0,
+        "p50_us": (pct.get("p50") or 0.0) * 1e6,
+        "p99_us": (pct.get("p99") or 0.0) * 1e6,
+        "ok": ok,
+        "failed": failed,
+        "statuses": statuses,
+    }
+
+
+def measured(run, pids):
+    """Runs `run()` (an oha call) and adds the CPU the pids used per request."""
+    before = cpu_ticks(pids)
+    result = run()
+    used_us = (cpu_ticks(pids) - before) * 1e6 / CLK_TCK
+    requests = result["ok"] + result["failed"]
+    result["cpu_us_per_request"] = used_us / requests if requests else 0.0
+    return result
+
+
+# --- the targets -------------------------------------------------------------
+
+def start_backend(procs, name, threads):
+    port = free_port()
+    procs.start(name, [os.path.join(RELEASE, "bench-hello"), "--listen", f"127.0.0.1:{port}", "--threads", str(threads)])
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return port
+
+
+def gateway_config(port, backend, threads, admin=None, header_value="bench"):
+    admin_line = f'admin_listen: "127.0.0.1:{admin}"\n' if admin else ""
+    return f"""listen: "127.0.0.1:{port}"
+{admin_line}threads: {threads}
+health_check: {{ path: /health, interval: 1s, timeout: 500ms }}
+services:
+  hello:
+    instances: ["127.0.0.1:{backend}"]
+routes:
+  - prefix: /
+    service: hello
+    plugins:
+      - headers:
+          response: {{ set: {{ x-served-by: {header_value} }} }}
+"""
+
+
+def start_gateway(procs, backend, threads, name="gateway", admin=False):
+    port = free_port()
+    admin_port = free_port() if admin else None
+    path = os.path.join(WORK, f"{name}.yaml")
+    with open(path, "w") as f:
+        f.write(gateway_config(port, backend, threads, admin_port))
+    env = dict(os.environ, RUST_LOG="info")
+    proc = procs.start(name, [os.path.join(RELEASE, "gateway"), "--config", path], env=env)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return port, proc, path
+
+
+def start_nginx(procs, backend, workers):
+    port = free_port()
+    conf = os.path.join(WORK, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""daemon off;
+master_process on;
+worker_processes {workers};
+pid {WORK}/nginx.pid;
+error_log {WORK}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log {WORK}/nginx-access.log;
+  upstream hello {{
+    server 127.0.0.1:{backend};
+    keepalive 128;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass http://hello;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      add_header x-served-by bench;
+    }}
+  }}
+}}
+""")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = procs.start("nginx", [nginx, "-c", conf, "-e", f"{WORK}/nginx-error.log"])
+    wait_http(f"http://127.0.0.1:{port}/")
+    return port, proc
+
+
+def start_haproxy(procs, backend, threads):
+    port = free_port()
+    conf = os.path.join(WORK, "haproxy.cfg")
+    with open(conf, "w") as f:
+        f.write(f"""global
+  nbthread {threads}
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend web
+  bind 127.0.0.1:{port}
+  http-response set-header x-served-by bench
+  default_backend hello
+backend hello
+  server hello1 127.0.0.1:{backend} maxconn 1000
+""")
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    proc = procs.start("haproxy", [haproxy, "-f", conf, "-db"])
+    wait_http(f"http://127.0.0.1:{port}/")
+    return port, proc
+
+
+# --- the measurements ----------------------------------------------------------
+
+def proxy_comparison(args, procs):
+    targets = {}
+    direct = start_backend(procs, "backend-direct", args.backend_threads)
+    targets["direct"] = (direct, lambda: [procs.procs[-1].pid])
+    direct_pid = procs.procs[-1].pid
+    targets["direct"] = (direct, lambda pid=direct_pid: [pid])
+
+    gw_backend = start_backend(procs, "backend-gateway", args.backend_threads)
+    gw_port, gw, _ = start_gateway(procs, gw_backend, args.threads)
+    targets["gateway"] = (gw_port, lambda pid=gw.pid: [pid])
+
+    ng_backend = start_backend(procs, "backend-nginx", args.backend_threads)
+    ng_port, ng = start_nginx(procs, ng_backend, args.threads)
+    targets["nginx"] = (ng_port, lambda pid=ng.pid: [pid, *children(pid)])
+
+    ha_backend = start_backend(procs, "backend-haproxy", args.backend_threads)
+    ha_port, ha = start_haproxy(procs, ha_backend, args.threads)
+    targets["haproxy"] = (ha_port, lambda pid=ha.pid: [pid, *children(pid)])
+
+    # Warm every target up (connection pools, caches) before measuring.
+    for port, _ in targets.values():
+        oha(f"http://127.0.0.1:{port}/", 50, 1)
+
+    shapes = {"c50": args.connections, "c1": 1}
+    runs = {shape: {name: [] for name in targets} for shape in shapes}
+    for round_no in range(1, args.rounds + 1):
+        for shape, connections in shapes.items():
+            order = list(targets) if round_no % 2 else list(reversed(targets))
+            for name in order:
+                port, pids = targets[name]
+                result = measured(lambda: oha(f"http://127.0.0.1:{port}/", connections, args.seconds), pids())
+                runs[shape][name].append(result)
+                log(f"round {round_no} {shape:>3} {name:<8} {result['rps']:>9.0f} req/s  p50 {result['p50_us']:>7.0f} us  "
+                    f"p99 {result['p99_us']:>7.0f} us  cpu {result['cpu_us_per_request']:>5.1f} us/req  failed {result['failed']}")
+    summary = {}
+    for shape, by_target in runs.items():
+        summary[shape] = {}
+        for name, results in by_target.items():
+            summary[shape][name] = {
+                "rps": statistics.median(r["rps"] for r in results),
+                "p50_us": statistics.median(r["p50_us"] for r in results),
+                "p99_us": statistics.median(r["p99_us"] for r in results),
+                "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in results),
+                "failed": sum(r["failed"] for r in results),
+                "requests": sum(r["ok"] + r["failed"] for r in results),
+            }
+    return {"runs": runs, "summary": summary}
+
+
+def streaming(args, procs):
+    size = args.stream_bytes
+    backend = start_backend(procs, "backend-stream", 2)
+    port, gw, _ = start_gateway(procs, backend, args.threads, name="gateway-stream")
+    rss_before = peak_rss_kib(gw.pid)
+    started = time.time()
+    upload = subprocess.run(
+        f"head -c {size} /dev/zero | curl -sS -X POST -T - -H 'content-type: application/octet-stream' "
+        f"http://127.0.0.1:{port}/upload",
+        shell=True, capture_output=True, text=True, check=True)
+    upload_s = time.time() - started
+    assert upload.stdout.strip() == str(size), f"upload answered {upload.stdout!r}"
+    rss_after_upload = peak_rss_kib(gw.pid)
+    started = time.time()
+    download = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download}", f"http://127.0.0.1:{port}/download/{size}"],
+        capture_output=True, text=True, check=True)
+    download_s = time.time() - started
+    assert int(download.stdout) == size, f"downloaded {download.stdout}"
+    rss_after_download = peak_rss_kib(gw.pid)
+    result = {
+        "bytes": size,
+        "upload_mib_per_s": size / upload_s / (1 << 20),
+        "download_mib_per_s": size / download_s / (1 << 20),
+        "peak_rss_kib_before": rss_before,
+        "peak_rss_kib_after_upload": rss_after_upload,
+        "peak_rss_kib_after_download": rss_after_download,
+    }
+    log(f"streaming {size >> 20} MiB: upload {result['upload_mib_per_s']:.0f} MiB/s, download "
+        f"{result['download_mib_per_s']:.0f} MiB/s, gateway peak RSS {rss_before} -> {rss_after_upload} -> "
+        f"{rss_after_download} KiB")
+    return result
+
+
+def reload_under_load(args, procs):
+    backend = start_backend(procs, "backend-reload", args.backend_threads)
+    port, gw, path = start_gateway(procs, backend, args.threads, name="gateway-reload")
+    seconds = max(2, args.reload_rewrites)
+    holder = {}
+
+    def run_load():
+        holder["result"] = oha(f"http://127.0.0.1:{port}/", args.connections, seconds)
+
+    import threading
+    load = threading.Thread(target=run_load)
+    load.start()
+    time.sleep(0.5)
+    pause = (seconds - 1.0) / args.reload_rewrites
+    for i in range(args.reload_rewrites):
+        text = gateway_config(port, backend, args.threads, header_value=f"v{i}")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        time.sleep(pause)
+    load.join()
+    result = holder["result"]
+    with open(os.path.join(WORK, "gateway-reload.log")) as f:
+        reloads = sum(1 for line in f if "configuration reloaded" in line)
+    out = {"rewrites": args.reload_rewrites, "reloads_applied": reloads, "requests": result["ok"] + result["failed"],
+           "failed": result["failed"], "rps": result["rps"]}
+    log(f"reload under load: {out['rewrites']} rewrites, {reloads} applied, {out['requests']} requests, "
+        f"{out['failed']} failed")
+    return out
+
+
+def full_stack(args, procs):
+    data = os.path.join(WORK, "stack-data")
+    shutil.rmtree(data, ignore_errors=True)
+    os.makedirs(data)
+    users, products, orders = free_port(), free_port(), free_port()
+    procs.start("user-service", [os.path.join(RELEASE, "user-service"), "--listen", f"127.0.0.1:{users}", "--db", f"{data}/users.db"])
+    procs.start("product-service", [os.path.join(RELEASE, "product-service"), "--listen", f"127.0.0.1:{products}", "--db", f"{data}/products.db"])
+    procs.start("order-service", [os.path.join(RELEASE, "order-service"), "--listen", f"127.0.0.1:{orders}", "--db", f"{data}/orders.db",
+                                  "--users-url", f"http://127.0.0.1:{users}", "--products-url", f"http://127.0.0.1:{products}"])
+    for port in (users, products, orders):
+        wait_http(f"http://127.0.0.1:{port}/health")
+    port = free_port()
+    path = os.path.join(WORK, "gateway-stack.yaml")
+    with open(path, "w") as f:
+        f.write(f"""listen: "127.0.0.1:{port}"
+threads: {args.threads}
+services:
+  user-service: {{ instances: ["127.0.0.1:{users}"] }}
+  product-service: {{ instances: ["127.0.0.1:{products}"] }}
+  order-service: {{ instances: ["127.0.0.1:{orders}"] }}
+routes:
+  - {{ prefix: /api/users, service: user-service, strip_prefix: /api }}
+  - {{ prefix: /api/products, service: product-service, strip_prefix: /api }}
+  - {{ prefix: /api/orders, service: order-service, strip_prefix: /api }}
+""")
+    procs.start("gateway-stack", [os.path.join(RELEASE, "gateway"), "--config", path], env=dict(os.environ, RUST_LOG="info"))
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/health")
+
+    def post(url, body):
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            return json.loads(response.read())
+
+    user = post(f"{base}/api/users", {"username": "bench", "email": "bench@example.com", "full_name": "Bench"})
+    product = post(f"{base}/api/products", {"name": "Plenty", "price": 1.5, "stock": 1_000_000_000, "category": "Bench"})
+    order = json.dumps({"user_id": user["id"], "items": [{"product_id": product["id"], "quantity": 1}]})
+    result = {
+        "get_products": oha(f"{base}/api/products", args.connections, args.seconds),
+        "post_orders": oha(f"{base}/api/orders", args.connections, args.seconds, method="POST", body=order,
+                           headers=["content-type: application/json"]),
+    }
+    for name, r in result.items():
+        log(f"full stack {name}: {r['rps']:.0f} req/s, p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us, "
+            f"failed {r['failed']} {r['statuses']}")
+    return result
+
+
+# --- the report ------------------------------------------------------------------
+
+def environment():
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for tool, argv in {"oha": ["oha", "--version"], "nginx": [shutil.which("nginx") or "/usr/sbin/nginx", "-v"],
+                       "haproxy": [shutil.which("haproxy") or "/usr/sbin/haproxy", "-v"]}.items():
+        out = subprocess.run(argv, capture_output=True, text=True)
+        versions[tool] = (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "?"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+            "cores": os.cpu_count(), "kernel": platform.release(), "commit": commit, "versions": versions}
+
+
+def bar(value, scale, width=40):
+    n = int(round(value / scale * width)) if scale else 0
+    return "#" * max(0, min(width, n))
+
+
+def markdown(results, args):
+    env = results["environment"]
+    s = results["proxies"]["summary"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `bench/run.sh` (do not edit by hand). Numbers from one run on one machine; "
+        "ratios are between targets measured in the same run, in alternating rounds.",
+        "",
+        f"- Date: {env['date']}; commit `{env['commit']}`",
+        f"- CPU: {env['cpu']}, {env['cores']} cores, Linux {env['kernel']} (shared by oha, backends and proxies)",
+        f"- Tools: {env['versions']['oha']}; {env['versions']['nginx']}; {env['versions']['haproxy']}",
+        f"- Each proxy: {args.threads} workers/threads, upstream keep-alive, its own `bench-hello` backend "
+        f"({args.backend_threads} thread); the gateway with every feature on (health checks, per-request access log, "
+        "a headers plugin); nginx with its access log; HAProxy `http-reuse always`.",
+        f"- Load: `oha -z {args.seconds}s -c {args.connections}` and `-c 1`, {args.rounds} rounds, median shown.",
+        "",
+        f"## Proxies, {args.connections} keep-alive clients",
+        "",
+        "| target | req/s | p50 µs | p99 µs | CPU µs/req | failed |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("direct", "gateway", "nginx", "haproxy"):
+        r = s["c50"][name]
+        lines.append(f"| {name} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['cpu_us_per_request']:.1f} | {r['failed']} |")
+    g, n, h, d = (s["c50"][k] for k in ("gateway", "nginx", "haproxy", "direct"))
+    ratio = lambda a, b: a / b if b else float("nan")
+    lines += [
+        "",
+        f"- gateway / nginx: throughput **{ratio(g['rps'], n['rps']):.2f}×**, CPU per request "
+        f"**{ratio(g['cpu_us_per_request'], n['cpu_us_per_request']):.2f}×**, p99 **{ratio(g['p99_us'], n['p99_us']):.2f}×**",
+        f"- gateway / HAProxy: throughput **{ratio(g['rps'], h['rps']):.2f}×**, CPU per request "
+        f"**{ratio(g['cpu_us_per_request'], h['cpu_us_per_request']):.2f}×**, p99 **{ratio(g['p99_us'], h['p99_us']):.2f}×**",
+        f"- gateway / direct: throughput **{ratio(g['rps'], d['rps']):.2f}×**",
+        "",
+        "## One client (added latency)",
+        "",
+        "| target | req/s | p50 µs | p99 µs | p50 added over direct µs | CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    direct_p50 = s["c1"]["direct"]["p50_us"]
+    for name in ("direct", "gateway", "nginx", "haproxy"):
+        r = s["c1"][name]
+        lines.append(f"| {name} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
+                     f"{r['p50_us'] - direct_p50:.0f} | {r['cpu_us_per_request']:.1f} |")
+    scale = max(s["c50"][k]["p99_us"] for k in s["c50"])
+    lines += ["", f"Latency at {args.connections} clients (p50 `=`, p99 `#`, scale {scale:.0f} µs):", "", "```"]
+    for name in ("direct", "gateway", "nginx", "haproxy"):
+        r = s["c50"][name]
+        lines.append(f"{name:<8} p50 {'=' * max(1, int(r['p50_us'] / scale * 50))} {r['p50_us']:.0f}")
+        lines.append(f"{'':<8} p99 {'#' * max(1, int(r['p99_us'] / scale * 50))} {r['p99_us']:.0f}")
+    lines.append("```")
+    st = results["streaming"]
+    rl = results["reload"]
+    fs = results["full_stack"]
+    lines += [
+        "",
+        "## Streaming through the gateway",
+        "",
+        f"{st['bytes'] >> 20} MiB upload: {st['upload_mib_per_s']:.0f} MiB/s; {st['bytes'] >> 20} MiB download: "
+        f"{st['download_mib_per_s']:.0f} MiB/s. Gateway peak RSS: {st['peak_rss_kib_before'] / 1024:.1f} MiB before, "
+        f"{st['peak_rss_kib_after_upload'] / 1024:.1f} MiB after the upload, {st['peak_rss_kib_after_download'] / 1024:.1f} MiB "
+        "after the download: flat, the body is never buffered.",
+        "",
+        "## Reload under load",
+        "",
+        f"`gateway.yaml` rewritten {rl['rewrites']} times during an oha run ({args.connections} clients): "
+        f"{rl['reloads_applied']} reloads applied, {rl['requests']} requests, **{rl['failed']} failed**.",
+        "",
+        "## Full stack through the gateway",
+        "",
+        "| request | req/s | p50 µs | p99 µs | failed |",
+        "|---|---:|---:|---:|---:|",
+        f"| `GET /api/products` | {fs['get_products']['rps']:.0f} | {fs['get_products']['p50_us']:.0f} | "
+        f"{fs['get_products']['p99_us']:.0f} | {fs['get_products']['failed']} |",
+        f"| `POST /api/orders` (one item) | {fs['post_orders']['rps']:.0f} | {fs['post_orders']['p50_us']:.0f} | "
+        f"{fs['post_orders']['p99_us']:.0f} | {fs['post_orders']['failed']} |",
+        "",
+        "## Commands",
+        "",
+        "```",
+        "bench/run.sh " + " ".join(sys.argv[1:]),
+        f"oha --no-tui {' '.join(OHA_JSON)} -z {args.seconds}s -c {args.connections} http://127.0.0.1:PORT/   # and -c 1",
+        f"head -c {st['bytes']} /dev/zero | curl -X POST -T - http://127.0.0.1:PORT/upload",
+        f"curl -o /dev/null http://127.0.0.1:PORT/download/{st['bytes']}",
+        "```",
+        "",
+        "Generated configurations (gateway, nginx, HAProxy) are in `bench/work/` after a run; "
+        "machine-readable results in `bench/results/`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="every step, about a second each (CI)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=5, help="length of each oha run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2, help="workers of each proxy")
+    parser.add_argument("--backend-threads", type=int, default=1)
+    parser.add_argument("--stream-bytes", type=int, default=GIB)
+    parser.add_argument("--reload-rewrites", type=int, default=10)
+    args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.seconds, args.stream_bytes, args.reload_rewrites = 1, 1, 16 << 20, 2
+
+    global OHA_JSON
+    OHA_JSON = oha_json_flag()
+    os.makedirs(WORK, exist_ok=True)
+    os.makedirs(RESULTS, exist_ok=True)
+    results = {"environment": environment(), "settings": vars(args)}
+    procs = Processes()
+    try:
+        results["proxies"] = proxy_comparison(args, procs)
+        results["streaming"] = streaming(args, procs)
+        results["reload"] = reload_under_load(args, procs)
+        results["full_stack"] = full_stack(args, procs)
+    finally:
+        procs.stop()
+
+    failures = results["reload"]["failed"]
+    if args.smoke:
+        path = os.path.join(WORK, "smoke.json")
+    else:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+        path = os.path.join(RESULTS, f"{stamp}.json")
+        with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
+            f.write(markdown(results, args))
+        log("wrote BENCHMARKS.md")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    log(f"wrote {path}")
+    print(markdown(results, args) if not args.smoke else "smoke run done")
+    return 1 if failures else 0
+
+
+OHA_JSON = []
+
+if __name__ == "__main__":
+    sys.exit(main())
