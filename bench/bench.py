@@ -26,7 +26,7 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASE = os.path.join(ROOT, "target", "release")
+RELEASE = os.path.join(ROOT, os.environ.get("BENCH_BIN_DIR", os.path.join("target", "release")))
 WORK = os.path.join(ROOT, "bench", "work")
 RESULTS = os.path.join(ROOT, "bench", "results")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -119,7 +119,9 @@ def oha_json_flag():
 
 
 def oha(url, connections, seconds, method="GET", body=None, headers=()):
-    argv = ["oha", "--no-tui", *OHA_JSON, "-z", f"{seconds}s", "-c", str(connections), "-m", method]
+    # -w: requests still running at the deadline finish and count, instead
+    # of being reported as "aborted due to deadline" errors.
+    argv = ["oha", "--no-tui", *OHA_JSON, "-w", "-z", f"{seconds}s", "-c", str(connections), "-m", method]
     for header in headers:
         argv += ["-H", header]
     if body is not None:
@@ -166,6 +168,7 @@ def gateway_config(port, backend, threads, admin=None, header_value="bench"):
     admin_line = f'admin_listen: "127.0.0.1:{admin}"\n' if admin else ""
     return f"""listen: "127.0.0.1:{port}"
 {admin_line}threads: {threads}
+{GATEWAY_EXTRA}
 health_check: {{ path: /health, interval: 1s, timeout: 500ms }}
 services:
   hello:
@@ -182,10 +185,12 @@ routes:
 def start_gateway(procs, backend, threads, name="gateway", admin=False):
     port = free_port()
     admin_port = free_port() if admin else None
-    path = os.path.join(WORK, f"{name}.yaml")
+    # Not beside the logs: the gateway watches its configuration's directory.
+    path = os.path.join(WORK, "conf", f"{name}.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(gateway_config(port, backend, threads, admin_port))
-    env = dict(os.environ, RUST_LOG="info")
+    env = dict(os.environ, RUST_LOG=GATEWAY_LOG)
     proc = procs.start(name, [os.path.join(RELEASE, "gateway"), "--config", path], env=env)
     wait_http(f"http://127.0.0.1:{port}/health")
     return port, proc, path
@@ -381,7 +386,8 @@ def full_stack(args, procs):
     for port in (users, products, orders):
         wait_http(f"http://127.0.0.1:{port}/health")
     port = free_port()
-    path = os.path.join(WORK, "gateway-stack.yaml")
+    path = os.path.join(WORK, "conf", "gateway-stack.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"""listen: "127.0.0.1:{port}"
 threads: {args.threads}
@@ -545,23 +551,33 @@ def main():
     parser.add_argument("--backend-threads", type=int, default=1)
     parser.add_argument("--stream-bytes", type=int, default=GIB)
     parser.add_argument("--reload-rewrites", type=int, default=10)
+    parser.add_argument("--only", choices=["proxies", "streaming", "reload", "stack"], action="append",
+                        help="run only these parts (repeatable); BENCHMARKS.md is then not written")
+    parser.add_argument("--gateway-log", default="info", help="RUST_LOG of the gateway (info: access log on)")
+    parser.add_argument("--gateway-extra", default="", help="extra top-level gateway.yaml lines, e.g. 'work_stealing: false'")
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.seconds, args.stream_bytes, args.reload_rewrites = 1, 1, 16 << 20, 2
 
-    global OHA_JSON
+    global OHA_JSON, GATEWAY_LOG, GATEWAY_EXTRA
     OHA_JSON = oha_json_flag()
+    GATEWAY_LOG = args.gateway_log
+    GATEWAY_EXTRA = args.gateway_extra.replace("\\n", "\n")
     os.makedirs(WORK, exist_ok=True)
     os.makedirs(RESULTS, exist_ok=True)
     results = {"environment": environment(), "settings": vars(args)}
     procs = Processes()
+    parts = {"proxies": proxy_comparison, "streaming": streaming, "reload": reload_under_load, "stack": full_stack}
+    keys = {"proxies": "proxies", "streaming": "streaming", "reload": "reload", "stack": "full_stack"}
     try:
-        results["proxies"] = proxy_comparison(args, procs)
-        results["streaming"] = streaming(args, procs)
-        results["reload"] = reload_under_load(args, procs)
-        results["full_stack"] = full_stack(args, procs)
+        for part, run in parts.items():
+            if not args.only or part in args.only:
+                results[keys[part]] = run(args, procs)
     finally:
         procs.stop()
+    if args.only:
+        print(json.dumps(results.get("proxies", {}).get("summary", results), indent=1))
+        return 0
 
     failures = results["reload"]["failed"]
     if args.smoke:
@@ -580,6 +596,8 @@ def main():
 
 
 OHA_JSON = []
+GATEWAY_LOG = "info"
+GATEWAY_EXTRA = ""
 
 if __name__ == "__main__":
     sys.exit(main())

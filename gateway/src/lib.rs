@@ -16,6 +16,7 @@
 //! - [`discovery`]: where instances come from (the extension trait).
 //! - [`errors`]: the one mapping from failures to status and JSON body.
 //! - [`server`]: start-up and the Pingora server.
+//! - [`logging`]: buffered log output (the access log costs no system call).
 
 pub mod admin;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod endpoints;
 pub mod errors;
 pub mod forwarding;
 pub mod health;
+pub mod logging;
 pub mod plugins;
 pub mod proxy;
 pub mod reload;
@@ -35,13 +37,24 @@ pub mod snapshot;
 pub mod upstream;
 
 /// Sets up `tracing` output (`RUST_LOG`, default `info`), which also
-/// receives Pingora's `log` records.
+/// receives Pingora's `log` records, through the buffered writer of
+/// [`logging`].
 pub fn init_tracing() {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let installed = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stdout().is_terminal())
-        .try_init();
+        .with_writer(logging::BufferedStdout)
+        .try_init()
+        .is_ok();
+    if installed && let Err(err) = logging::start_flusher() {
+        eprintln!("cannot start the log writer thread: {err}");
+    }
+}
+
+/// Writes out the log lines still buffered; call before the process exits.
+pub fn flush_logs() {
+    logging::flush();
 }

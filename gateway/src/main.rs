@@ -6,6 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc: the proxy allocates and frees small buffers on every request,
+/// which jemalloc's thread caches serve faster than glibc's malloc
+/// (measured in BENCHMARKS.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A programmable API gateway on Pingora.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -39,7 +46,9 @@ fn main() -> ExitCode {
         Some(Command::Check { files }) => check(&files),
         None => {
             gateway::init_tracing();
-            gateway::server::run(&cli.config, cli.upgrade)
+            let status = gateway::server::run(&cli.config, cli.upgrade);
+            gateway::flush_logs();
+            status
         }
     }
 }

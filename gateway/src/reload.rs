@@ -14,7 +14,8 @@
 //! [`Snapshot`], give its new instances their first health check, and
 //! publish it in one atomic swap. Requests already running finish on the
 //! version they started with. Settings that need a restart (the listen
-//! addresses, the thread count) are reported, not silently ignored.
+//! addresses, the thread count and mode, the shutdown grace) are reported,
+//! not silently ignored.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -212,6 +213,20 @@ impl Reloader {
                 show(running.admin_listen)
             ));
             config.admin_listen = running.admin_listen;
+        }
+        if config.shutdown_grace != running.shutdown_grace {
+            notes.push(format!(
+                "shutdown_grace: {:?} → {:?} (still {:?})",
+                running.shutdown_grace, config.shutdown_grace, running.shutdown_grace
+            ));
+            config.shutdown_grace = running.shutdown_grace;
+        }
+        if config.work_stealing != running.work_stealing {
+            notes.push(format!(
+                "work_stealing: {} → {} (still {})",
+                running.work_stealing, config.work_stealing, running.work_stealing
+            ));
+            config.work_stealing = running.work_stealing;
         }
         if config.threads != running.threads {
             notes.push(format!(

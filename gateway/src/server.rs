@@ -133,6 +133,7 @@ fn server_conf(config: &Config) -> ServerConf {
     let port = config.listen.port();
     ServerConf {
         threads: config.threads,
+        work_stealing: config.work_stealing,
         // The drain watch exits as soon as requests are done; this is the
         // backstop, a second later.
         grace_period_seconds: Some(config.shutdown_grace.as_secs() + 1),

@@ -81,6 +81,7 @@ pub fn spawn_drain_watch(runtime: &tokio::runtime::Handle, grace: Duration) -> s
             idle_checks = if in_flight() == 0 { idle_checks + 1 } else { 0 };
             if idle_checks >= 2 {
                 tracing::info!("all requests finished: exiting");
+                crate::flush_logs();
                 std::process::exit(0);
             }
             tokio::time::sleep(DRAIN_POLL).await;
@@ -89,6 +90,7 @@ pub fn spawn_drain_watch(runtime: &tokio::runtime::Handle, grace: Duration) -> s
             in_flight = in_flight(),
             "grace period over: exiting with requests still in flight"
         );
+        crate::flush_logs();
         std::process::exit(0);
     });
     Ok(())

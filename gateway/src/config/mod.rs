@@ -79,6 +79,9 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Worker threads of the proxy service.
     pub threads: usize,
+    /// Pingora's `work_stealing` (one shared runtime) or a runtime per
+    /// thread without stealing.
+    pub work_stealing: bool,
     pub downstream: Downstream,
     /// Whole seconds (Pingora counts in seconds).
     pub shutdown_grace: Duration,

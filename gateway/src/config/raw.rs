@@ -21,6 +21,10 @@ pub struct RawConfig {
     /// Worker threads of the proxy; default: the number of CPUs.
     #[serde(default)]
     pub threads: Option<Spanned<usize>>,
+    /// Whether idle proxy threads steal work from busy ones (Pingora's
+    /// `work_stealing`); default true.
+    #[serde(default)]
+    pub work_stealing: Option<bool>,
     #[serde(default)]
     pub health_check: RawHealthCheck,
     /// Limits and timeouts on the client side.
