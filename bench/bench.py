@@ -538,6 +538,10 @@ def markdown(results, args):
         "machine-readable results in `bench/results/`.",
         "",
     ]
+    notes = os.path.join(ROOT, "bench", "notes.md")
+    if os.path.exists(notes):
+        with open(notes) as f:
+            lines.append(f.read())
     return "\n".join(lines)
 
 
