@@ -164,11 +164,11 @@ def start_backend(procs, name, threads):
     return port
 
 
-def gateway_config(port, backend, threads, admin=None, header_value="bench"):
+def gateway_config(port, backend, threads, admin=None, header_value="bench", extra=None):
     admin_line = f'admin_listen: "127.0.0.1:{admin}"\n' if admin else ""
     return f"""listen: "127.0.0.1:{port}"
 {admin_line}threads: {threads}
-{GATEWAY_EXTRA}
+{GATEWAY_EXTRA if extra is None else extra}
 health_check: {{ path: /health, interval: 1s, timeout: 500ms }}
 services:
   hello:
@@ -182,14 +182,14 @@ routes:
 """
 
 
-def start_gateway(procs, backend, threads, name="gateway", admin=False):
+def start_gateway(procs, backend, threads, name="gateway", admin=False, extra=None):
     port = free_port()
     admin_port = free_port() if admin else None
     # Not beside the logs: the gateway watches its configuration's directory.
     path = os.path.join(WORK, "conf", f"{name}.yaml")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        f.write(gateway_config(port, backend, threads, admin_port))
+        f.write(gateway_config(port, backend, threads, admin_port, extra=extra))
     env = dict(os.environ, RUST_LOG=GATEWAY_LOG)
     proc = procs.start(name, [os.path.join(RELEASE, "gateway"), "--config", path], env=env)
     wait_http(f"http://127.0.0.1:{port}/health")
@@ -259,7 +259,8 @@ backend hello
 
 # --- the measurements ----------------------------------------------------------
 
-def proxy_comparison(args, procs):
+def proxy_comparison(args, procs, threads=None, shapes=None):
+    threads = threads or args.threads
     targets = {}
     direct = start_backend(procs, "backend-direct", args.backend_threads)
     targets["direct"] = (direct, lambda: [procs.procs[-1].pid])
@@ -267,22 +268,24 @@ def proxy_comparison(args, procs):
     targets["direct"] = (direct, lambda pid=direct_pid: [pid])
 
     gw_backend = start_backend(procs, "backend-gateway", args.backend_threads)
-    gw_port, gw, _ = start_gateway(procs, gw_backend, args.threads)
+    # One thread: no work to steal, one runtime (measured best on 2 cores).
+    extra = "work_stealing: false" if threads == 1 else None
+    gw_port, gw, _ = start_gateway(procs, gw_backend, threads, name=f"gateway-t{threads}", extra=extra)
     targets["gateway"] = (gw_port, lambda pid=gw.pid: [pid])
 
     ng_backend = start_backend(procs, "backend-nginx", args.backend_threads)
-    ng_port, ng = start_nginx(procs, ng_backend, args.threads)
+    ng_port, ng = start_nginx(procs, ng_backend, threads)
     targets["nginx"] = (ng_port, lambda pid=ng.pid: [pid, *children(pid)])
 
     ha_backend = start_backend(procs, "backend-haproxy", args.backend_threads)
-    ha_port, ha = start_haproxy(procs, ha_backend, args.threads)
+    ha_port, ha = start_haproxy(procs, ha_backend, threads)
     targets["haproxy"] = (ha_port, lambda pid=ha.pid: [pid, *children(pid)])
 
     # Warm every target up (connection pools, caches) before measuring.
     for port, _ in targets.values():
         oha(f"http://127.0.0.1:{port}/", 50, 1)
 
-    shapes = {"c50": args.connections, "c1": 1}
+    shapes = shapes or {"c50": args.connections, "c1": 1}
     runs = {shape: {name: [] for name in targets} for shape in shapes}
     for round_no in range(1, args.rounds + 1):
         for shape, connections in shapes.items():
@@ -291,7 +294,7 @@ def proxy_comparison(args, procs):
                 port, pids = targets[name]
                 result = measured(lambda: oha(f"http://127.0.0.1:{port}/", connections, args.seconds), pids())
                 runs[shape][name].append(result)
-                log(f"round {round_no} {shape:>3} {name:<8} {result['rps']:>9.0f} req/s  p50 {result['p50_us']:>7.0f} us  "
+                log(f"t{threads} round {round_no} {shape:>3} {name:<8} {result['rps']:>9.0f} req/s  p50 {result['p50_us']:>7.0f} us  "
                     f"p99 {result['p99_us']:>7.0f} us  cpu {result['cpu_us_per_request']:>5.1f} us/req  failed {result['failed']}")
     summary = {}
     for shape, by_target in runs.items():
@@ -504,6 +507,7 @@ def markdown(results, args):
     fs = results["full_stack"]
     lines += [
         "",
+        *also_section(results, args),
         "## Streaming through the gateway",
         "",
         f"{st['bytes'] >> 20} MiB upload: {st['upload_mib_per_s']:.0f} MiB/s; {st['bytes'] >> 20} MiB download: "
@@ -545,6 +549,34 @@ def markdown(results, args):
     return "\n".join(lines)
 
 
+def also_section(results, args):
+    if "proxies_also" not in results:
+        return []
+    s = results["proxies_also"]["summary"]
+    lines = [
+        f"## The same with {args.also_threads} worker{'s' if args.also_threads > 1 else ''} each "
+        "(gateway with `work_stealing: false`)",
+        "",
+        "| target | clients | req/s | p50 µs | p99 µs | CPU µs/req | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for shape, clients in (("c50", args.connections), ("c1", 1)):
+        for name in ("direct", "gateway", "nginx", "haproxy"):
+            r = s[shape][name]
+            lines.append(f"| {name} | {clients} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
+                         f"{r['cpu_us_per_request']:.1f} | {r['failed']} |")
+    g, n, h = (s["c50"][k] for k in ("gateway", "nginx", "haproxy"))
+    lines += [
+        "",
+        f"- gateway / nginx: throughput **{g['rps'] / n['rps']:.2f}×**, CPU per request "
+        f"**{g['cpu_us_per_request'] / n['cpu_us_per_request']:.2f}×**, p99 **{g['p99_us'] / n['p99_us']:.2f}×**",
+        f"- gateway / HAProxy: throughput **{g['rps'] / h['rps']:.2f}×**, CPU per request "
+        f"**{g['cpu_us_per_request'] / h['cpu_us_per_request']:.2f}×**",
+        "",
+    ]
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="every step, about a second each (CI)")
@@ -552,6 +584,8 @@ def main():
     parser.add_argument("--seconds", type=int, default=5, help="length of each oha run")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2, help="workers of each proxy")
+    parser.add_argument("--also-threads", type=int, default=1,
+                        help="repeat the proxy comparison with this many workers each (0: skip)")
     parser.add_argument("--backend-threads", type=int, default=1)
     parser.add_argument("--stream-bytes", type=int, default=GIB)
     parser.add_argument("--reload-rewrites", type=int, default=10)
@@ -577,6 +611,11 @@ def main():
         for part, run in parts.items():
             if not args.only or part in args.only:
                 results[keys[part]] = run(args, procs)
+        if args.also_threads and (not args.only or "proxies" in args.only):
+            # Separate processes, so the first comparison's stay out of it.
+            procs.stop()
+            procs = Processes()
+            results["proxies_also"] = proxy_comparison(args, procs, threads=args.also_threads)
     finally:
         procs.stop()
     if args.only:
