@@ -194,47 +194,39 @@ impl Reloader {
     /// Puts back the settings a running process cannot change, and says
     /// which ones the file changed.
     fn keep_restart_only_settings(&self, config: &mut Config) -> Vec<String> {
+        fn keep<T: PartialEq + Copy + std::fmt::Debug>(
+            name: &str,
+            running: T,
+            new: &mut T,
+            notes: &mut Vec<String>,
+        ) {
+            if *new != running {
+                notes.push(format!("{name}: {running:?} → {new:?} (still {running:?})"));
+                *new = running;
+            }
+        }
         let running = &self.started_with;
         let mut notes = Vec::new();
-        if config.listen != running.listen {
-            notes.push(format!(
-                "listen: {} → {} (still {})",
-                running.listen, config.listen, running.listen
-            ));
-            config.listen = running.listen;
-        }
-        if config.admin_listen != running.admin_listen {
-            let show =
-                |a: Option<std::net::SocketAddr>| a.map_or("none".to_owned(), |a| a.to_string());
-            notes.push(format!(
-                "admin_listen: {} → {} (still {})",
-                show(running.admin_listen),
-                show(config.admin_listen),
-                show(running.admin_listen)
-            ));
-            config.admin_listen = running.admin_listen;
-        }
-        if config.shutdown_grace != running.shutdown_grace {
-            notes.push(format!(
-                "shutdown_grace: {:?} → {:?} (still {:?})",
-                running.shutdown_grace, config.shutdown_grace, running.shutdown_grace
-            ));
-            config.shutdown_grace = running.shutdown_grace;
-        }
-        if config.work_stealing != running.work_stealing {
-            notes.push(format!(
-                "work_stealing: {} → {} (still {})",
-                running.work_stealing, config.work_stealing, running.work_stealing
-            ));
-            config.work_stealing = running.work_stealing;
-        }
-        if config.threads != running.threads {
-            notes.push(format!(
-                "threads: {} → {} (still {})",
-                running.threads, config.threads, running.threads
-            ));
-            config.threads = running.threads;
-        }
+        keep("listen", running.listen, &mut config.listen, &mut notes);
+        keep(
+            "admin_listen",
+            running.admin_listen,
+            &mut config.admin_listen,
+            &mut notes,
+        );
+        keep(
+            "shutdown_grace",
+            running.shutdown_grace,
+            &mut config.shutdown_grace,
+            &mut notes,
+        );
+        keep(
+            "work_stealing",
+            running.work_stealing,
+            &mut config.work_stealing,
+            &mut notes,
+        );
+        keep("threads", running.threads, &mut config.threads, &mut notes);
         notes
     }
 
