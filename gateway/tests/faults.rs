@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Backend, BlackHole, GatewayProcess, instance_healthy};
+use support::{Backend, BlackHole, Dropper, GatewayProcess, instance_healthy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HEALTH: &str = "health_check: { interval: 200ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }\n";
@@ -467,4 +467,68 @@ async fn header_body_and_connection_limits() {
     drop(open);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(reqwest::get(gateway.url("/x")).await.unwrap().status(), 200);
+}
+
+/// An instance that takes requests and drops them unanswered: a request
+/// that was sent is repeated on the other instance only when that is safe
+/// (idempotent method or Idempotency-Key); a plain POST gets a clean 502.
+#[tokio::test]
+async fn only_safe_requests_are_retried_after_they_were_sent() {
+    let dropper = Dropper::start();
+    let good = Backend::start("good");
+    let gateway = GatewayProcess::start(&format!(
+        "health_check: {{ interval: 60s }}\nservices:\n  s:\n    instances: [\"{}\", \"{}\"]\n    outlier_detection: {{ consecutive_failures: 0 }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        dropper.addr, good.addr
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    // Plain POSTs alone: round robin alternates the instances, and the ones
+    // that reached the dropper are never sent again.
+    let (mut plain_ok, mut plain_502) = (0, 0);
+    for i in 0..10 {
+        let plain = http
+            .post(gateway.url("/write"))
+            .header("x-write-id", format!("plain-{i}"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        match plain.status().as_u16() {
+            201 => plain_ok += 1,
+            502 => plain_502 += 1,
+            other => panic!("plain POST {i}: {other}"),
+        }
+    }
+    // Idempotent or keyed: always answered, by the good instance.
+    for i in 0..10 {
+        let get = http.get(gateway.url("/x")).send().await.unwrap();
+        assert_eq!(get.status(), 200, "GET {i}");
+        let keyed = http
+            .post(gateway.url("/write"))
+            .header("idempotency-key", format!("k{i}"))
+            .header("x-write-id", format!("keyed-{i}"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(keyed.status(), 201, "keyed POST {i}");
+    }
+    let dropped = dropper.dropped.load(Ordering::SeqCst);
+    assert!(
+        dropped >= 10,
+        "the dropper saw too few requests to prove anything: {dropped}"
+    );
+    assert!(
+        plain_502 > 0 && plain_ok > 0,
+        "plain POSTs: {plain_ok} ok, {plain_502} refused"
+    );
+    let writes = good.writes();
+    assert_eq!(
+        writes.iter().filter(|w| w.starts_with("keyed-")).count(),
+        10
+    );
+    assert_eq!(
+        writes.iter().filter(|w| w.starts_with("plain-")).count(),
+        plain_ok
+    );
 }

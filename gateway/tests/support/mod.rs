@@ -284,6 +284,70 @@ async fn describe(
     .into_response()
 }
 
+/// Answers `GET /health` with 200, and closes every other connection as
+/// soon as it has read the request header: a request that was sent and got
+/// no answer.
+pub struct Dropper {
+    pub addr: SocketAddr,
+    pub dropped: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Dropper {
+    pub fn start() -> Dropper {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (stop, dropped) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (stopped, count) = (Arc::clone(&stop), Arc::clone(&dropped));
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                let Ok((mut socket, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let count = Arc::clone(&count);
+                std::thread::spawn(move || {
+                    socket.set_nonblocking(false).unwrap();
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match socket.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = seen.drain(..end + 4).collect();
+                            if head.starts_with(b"GET /health") {
+                                let _ = socket
+                                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                            } else {
+                                count.fetch_add(1, Ordering::SeqCst);
+                                return; // drop the connection unanswered
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Dropper {
+            addr,
+            dropped,
+            stop,
+        }
+    }
+}
+
+impl Drop for Dropper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Accepts connections and never answers; holds them until dropped.
 pub struct BlackHole {
     pub addr: SocketAddr,
