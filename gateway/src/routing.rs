@@ -36,10 +36,6 @@ impl<R> RouteTable<R> {
     pub fn get(&self, index: usize) -> Option<&R> {
         self.routes.get(index).map(|(_, route)| route)
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = &R> {
-        self.routes.iter().map(|(_, route)| route)
-    }
 }
 
 /// `path` without `strip` (which must be a segment-prefix of it), never

@@ -154,11 +154,6 @@ impl Upstream {
         });
     }
 
-    /// The instance at `socket`, if it belongs to this service.
-    pub fn instance_at(&self, socket: SocketAddr) -> Option<&Arc<InstanceHealth>> {
-        self.instance(socket)
-    }
-
     fn pick(&self, exclude: &[SocketAddr], healthy_only: bool) -> Option<&Arc<InstanceHealth>> {
         let accept = |backend: &pingora::lb::Backend, _pingora_health: bool| {
             backend
