@@ -257,6 +257,28 @@ backend hello
     return port, proc
 
 
+def start_caddy(procs, backend, workers):
+    port = free_port()
+    conf = os.path.join(WORK, "Caddyfile")
+    with open(conf, "w") as f:
+        f.write(f"""{{
+  admin off
+  auto_https off
+}}
+http://127.0.0.1:{port} {{
+  bind 127.0.0.1
+  reverse_proxy 127.0.0.1:{backend} {{
+    header_down x-served-by bench
+  }}
+}}
+""")
+    caddy = shutil.which("caddy") or "/usr/bin/caddy"
+    env = dict(os.environ, GOMAXPROCS=str(workers), XDG_DATA_HOME=WORK, XDG_CONFIG_HOME=WORK)
+    proc = procs.start("caddy", [caddy, "run", "--config", conf, "--adapter", "caddyfile"], env=env)
+    wait_http(f"http://127.0.0.1:{port}/")
+    return port, proc
+
+
 # --- the measurements ----------------------------------------------------------
 
 def proxy_comparison(args, procs, threads=None, shapes=None):
@@ -280,6 +302,11 @@ def proxy_comparison(args, procs, threads=None, shapes=None):
     ha_backend = start_backend(procs, "backend-haproxy", args.backend_threads)
     ha_port, ha = start_haproxy(procs, ha_backend, threads)
     targets["haproxy"] = (ha_port, lambda pid=ha.pid: [pid, *children(pid)])
+
+    if shutil.which("caddy") or os.path.exists("/usr/bin/caddy"):
+        ca_backend = start_backend(procs, "backend-caddy", args.backend_threads)
+        ca_port, ca = start_caddy(procs, ca_backend, threads)
+        targets["caddy"] = (ca_port, lambda pid=ca.pid: [pid])
 
     # Warm every target up (connection pools, caches) before measuring.
     for port, _ in targets.values():
@@ -437,12 +464,22 @@ def environment():
                 break
     versions = {}
     for tool, argv in {"oha": ["oha", "--version"], "nginx": [shutil.which("nginx") or "/usr/sbin/nginx", "-v"],
-                       "haproxy": [shutil.which("haproxy") or "/usr/sbin/haproxy", "-v"]}.items():
-        out = subprocess.run(argv, capture_output=True, text=True)
+                       "haproxy": [shutil.which("haproxy") or "/usr/sbin/haproxy", "-v"],
+                       "caddy": [shutil.which("caddy") or "/usr/bin/caddy", "version"]}.items():
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True)
+        except FileNotFoundError:
+            versions[tool] = "not installed"
+            continue
         versions[tool] = (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "?"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
             "cores": os.cpu_count(), "kernel": platform.release(), "commit": commit, "versions": versions}
+
+
+def names(summary):
+    """Targets in report order, those that ran."""
+    return [n for n in ("direct", "gateway", "nginx", "haproxy", "caddy") if n in summary]
 
 
 def bar(value, scale, width=40):
@@ -461,10 +498,12 @@ def markdown(results, args):
         "",
         f"- Date: {env['date']}; commit `{env['commit']}`",
         f"- CPU: {env['cpu']}, {env['cores']} cores, Linux {env['kernel']} (shared by oha, backends and proxies)",
-        f"- Tools: {env['versions']['oha']}; {env['versions']['nginx']}; {env['versions']['haproxy']}",
+        f"- Tools: {env['versions']['oha']}; {env['versions']['nginx']}; {env['versions']['haproxy']}; "
+        f"Caddy {env['versions'].get('caddy', '?')}",
         f"- Each proxy: {args.threads} workers/threads, upstream keep-alive, its own `bench-hello` backend "
         f"({args.backend_threads} thread); the gateway with every feature on (health checks, per-request access log, "
-        "a headers plugin); nginx with its access log; HAProxy `http-reuse always`.",
+        "a headers plugin); nginx with its access log; HAProxy `http-reuse always`; Caddy `reverse_proxy` "
+        "with `GOMAXPROCS` = the worker count.",
         f"- Load: `oha -z {args.seconds}s -c {args.connections}` and `-c 1`, {args.rounds} rounds, median shown.",
         "",
         f"## Proxies, {args.connections} keep-alive clients",
@@ -472,7 +511,7 @@ def markdown(results, args):
         "| target | req/s | p50 µs | p99 µs | CPU µs/req | failed |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in ("direct", "gateway", "nginx", "haproxy"):
+    for name in names(s["c50"]):
         r = s["c50"][name]
         lines.append(f"| {name} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['cpu_us_per_request']:.1f} | {r['failed']} |")
     g, n, h, d = (s["c50"][k] for k in ("gateway", "nginx", "haproxy", "direct"))
@@ -483,6 +522,8 @@ def markdown(results, args):
         f"**{ratio(g['cpu_us_per_request'], n['cpu_us_per_request']):.2f}×**, p99 **{ratio(g['p99_us'], n['p99_us']):.2f}×**",
         f"- gateway / HAProxy: throughput **{ratio(g['rps'], h['rps']):.2f}×**, CPU per request "
         f"**{ratio(g['cpu_us_per_request'], h['cpu_us_per_request']):.2f}×**, p99 **{ratio(g['p99_us'], h['p99_us']):.2f}×**",
+        *([f"- gateway / Caddy: throughput **{ratio(g['rps'], s['c50']['caddy']['rps']):.2f}×**, CPU per request "
+            f"**{ratio(g['cpu_us_per_request'], s['c50']['caddy']['cpu_us_per_request']):.2f}×**"] if "caddy" in s["c50"] else []),
         f"- gateway / direct: throughput **{ratio(g['rps'], d['rps']):.2f}×**",
         "",
         "## One client (added latency)",
@@ -491,13 +532,13 @@ def markdown(results, args):
         "|---|---:|---:|---:|---:|---:|",
     ]
     direct_p50 = s["c1"]["direct"]["p50_us"]
-    for name in ("direct", "gateway", "nginx", "haproxy"):
+    for name in names(s["c1"]):
         r = s["c1"][name]
         lines.append(f"| {name} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
                      f"{r['p50_us'] - direct_p50:.0f} | {r['cpu_us_per_request']:.1f} |")
     scale = max(s["c50"][k]["p99_us"] for k in s["c50"])
     lines += ["", f"Latency at {args.connections} clients (p50 `=`, p99 `#`, scale {scale:.0f} µs):", "", "```"]
-    for name in ("direct", "gateway", "nginx", "haproxy"):
+    for name in names(s["c50"]):
         r = s["c50"][name]
         lines.append(f"{name:<8} p50 {'=' * max(1, int(r['p50_us'] / scale * 50))} {r['p50_us']:.0f}")
         lines.append(f"{'':<8} p99 {'#' * max(1, int(r['p99_us'] / scale * 50))} {r['p99_us']:.0f}")
@@ -561,7 +602,7 @@ def also_section(results, args):
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for shape, clients in (("c50", args.connections), ("c1", 1)):
-        for name in ("direct", "gateway", "nginx", "haproxy"):
+        for name in names(s[shape]):
             r = s[shape][name]
             lines.append(f"| {name} | {clients} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
                          f"{r['cpu_us_per_request']:.1f} | {r['failed']} |")

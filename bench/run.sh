@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Benchmark suite: the gateway against nginx and HAProxy (same worker count,
+# Benchmark suite: the gateway against nginx, HAProxy and Caddy (same worker count,
 # upstream keep-alive, each with its own backend), and the backend direct,
 # in alternating rounds of one run; plus streaming, reload under load and the
-# full stack. Installs what it needs (oha, nginx, HAProxy, curl, python3),
+# full stack. Installs what it needs (oha, nginx, HAProxy, Caddy, curl, python3),
 # builds the release binaries, writes bench/results/*.json and BENCHMARKS.md.
 #
-#   bench/run.sh            the full suite (about 10 minutes)
+#   bench/run.sh            the full suite (about 12 minutes)
 #   bench/run.sh --smoke    every step for a second or so (CI)
 #   bench/run.sh --help     options (rounds, durations, threads, ...)
 set -euo pipefail
@@ -16,6 +16,7 @@ need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v caddy >/dev/null 2>&1 || need+=(caddy)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if ((${#need[@]})); then
     sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
