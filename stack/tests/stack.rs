@@ -52,6 +52,34 @@ fn is_listening(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// Appends every line `stream` produces to `output`, in the background.
+fn collect_lines(stream: impl tokio::io::AsyncRead + Unpin + Send + 'static, output: &Lines) {
+    let sink = Arc::clone(output);
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// Waits until a line containing `text` was printed; runs `check` while
+/// waiting; panics with everything printed after `limit`.
+async fn wait_for_line(output: &Lines, text: &str, limit: Duration, mut check: impl FnMut()) {
+    let started = Instant::now();
+    while !output.lock().unwrap().iter().any(|l| l.contains(text)) {
+        check();
+        assert!(
+            started.elapsed() < limit,
+            "no {text:?} in {limit:?}:\n{}",
+            output.lock().unwrap().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stack_runs_the_usage_survives_an_instance_loss_and_stops_cleanly() {
     ensure_binaries();
@@ -90,38 +118,12 @@ routes:
         .spawn()
         .unwrap();
     let output = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut stdout = tokio::io::BufReader::new(stack.stdout.take().unwrap()).lines();
-    let mut stderr = tokio::io::BufReader::new(stack.stderr.take().unwrap()).lines();
-    let sink = Arc::clone(&output);
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = stdout.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let sink = Arc::clone(&output);
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    let started = Instant::now();
-    while !output
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("stack ready"))
-    {
-        assert!(
-            stack.try_wait().unwrap().is_none(),
-            "stack exited:\n{}",
-            output.lock().unwrap().join("\n")
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "not ready in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    collect_lines(stack.stdout.take().unwrap(), &output);
+    collect_lines(stack.stderr.take().unwrap(), &output);
+    wait_for_line(&output, "stack ready", Duration::from_secs(60), || {
+        assert!(stack.try_wait().unwrap().is_none(), "stack exited");
+    })
+    .await;
     let pid_of = |label: &str| -> i32 {
         let out = output.lock().unwrap();
         // The banner's "  LABEL  pid N  ADDRESS" line.
@@ -201,20 +203,13 @@ routes:
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The launcher noticed, said so, and restarted it.
-    let restarted = Instant::now();
-    while !output
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("restarted product-service-2"))
-    {
-        assert!(
-            restarted.elapsed() < Duration::from_secs(10),
-            "{}",
-            output.lock().unwrap().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_line(
+        &output,
+        "restarted product-service-2",
+        Duration::from_secs(10),
+        || {},
+    )
+    .await;
     assert!(
         output
             .lock()
