@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
-use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 
 use crate::proxy::Gateway;
@@ -96,9 +95,9 @@ impl HeaderDeadlines {
     }
 }
 
-/// Pingora's HTTP proxy app behind connection limits and header deadlines.
+/// The proxy app behind connection limits and header deadlines.
 pub struct GuardedProxy {
-    pub inner: Arc<HttpProxy<Gateway>>,
+    pub inner: Arc<Gateway>,
     pub current: Arc<CurrentSnapshot>,
     pub deadlines: Arc<HeaderDeadlines>,
     open: AtomicUsize,
@@ -106,7 +105,7 @@ pub struct GuardedProxy {
 
 impl GuardedProxy {
     pub fn new(
-        inner: HttpProxy<Gateway>,
+        inner: Gateway,
         current: Arc<CurrentSnapshot>,
         deadlines: Arc<HeaderDeadlines>,
     ) -> Self {

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use http::StatusCode;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
+use pingora::protocols::http::ServerSession;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::forwarding::{REQUEST_ID, RequestId};
@@ -109,39 +109,59 @@ pub fn json_body(detail: &str, request_id: &str) -> Bytes {
     Bytes::from(body.to_string())
 }
 
-/// Writes a complete JSON answer (header and body) to the client.
-pub async fn respond_json(
-    session: &mut Session,
+fn json_header(
     status: StatusCode,
-    body: Bytes,
+    body: &Bytes,
     request_id: &RequestId,
-) -> pingora::Result<()> {
+) -> pingora::Result<ResponseHeader> {
     let mut header = ResponseHeader::build(status, Some(4))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
     header.insert_header(REQUEST_ID, request_id.header())?;
+    Ok(header)
+}
+
+/// Writes a complete JSON answer (header and body) to the client.
+pub async fn respond_json(
+    session: &mut ServerSession,
+    status: StatusCode,
+    body: Bytes,
+    request_id: &RequestId,
+) -> pingora::Result<()> {
+    let header = json_header(status, &body, request_id)?;
     if crate::shutdown::draining() {
         session.set_keepalive(None);
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(header), head_only)
-        .await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
+    session.write_response_header(Box::new(header)).await?;
+    if head_only {
+        session.finish_body().await
+    } else {
+        session.write_response_body(body, true).await
     }
-    Ok(())
 }
 
 /// Answers the client with `error`.
 pub async fn respond(
-    session: &mut Session,
+    session: &mut ServerSession,
     error: &GatewayError,
     request_id: &RequestId,
 ) -> pingora::Result<()> {
     let body = json_body(&error.to_string(), request_id.as_str());
     respond_json(session, error.status(), body, request_id).await
+}
+
+/// Answers a request whose header could not be parsed (there is no
+/// request to look at), then the connection closes.
+pub async fn respond_unparsed(
+    session: &mut ServerSession,
+    error: &GatewayError,
+    request_id: &RequestId,
+) -> pingora::Result<()> {
+    let body = json_body(&error.to_string(), request_id.as_str());
+    let header = json_header(error.status(), &body, request_id)?;
+    session.write_error_response(header, body).await
 }
 
 #[cfg(test)]

@@ -27,6 +27,11 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 pub struct RequestId(Option<HeaderValue>);
 
 impl RequestId {
+    /// A new id, for a request that did not bring a usable one.
+    pub fn new() -> Self {
+        RequestId(Some(new_header_value()))
+    }
+
     pub fn as_str(&self) -> &str {
         self.0.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-")
     }
@@ -58,6 +63,11 @@ pub fn request_id(request: &RequestHeader) -> RequestId {
         HeaderValue::from_maybe_shared(bytes::Bytes::from(new_request_id()))
             .unwrap_or_else(|_| HeaderValue::from_static("-"))
     })))
+}
+
+fn new_header_value() -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(new_request_id()))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 fn is_sane_request_id(id: &str) -> bool {
@@ -114,25 +124,82 @@ pub fn set_forwarding_headers(
     Ok(())
 }
 
-/// Removes the response fields that concern only the upstream connection
-/// (RFC 9110 §7.6.1): those `Connection` names, `Keep-Alive`,
-/// `Proxy-Connection`. Pingora writes its own `Connection` and framing.
-pub fn strip_hop_by_hop(response: &mut ResponseHeader) {
-    let named: Vec<String> = response
-        .headers
+/// The field names a `Connection` header lists, lowercased (`close` and
+/// `keep-alive` are options, not names). No allocation without one.
+fn connection_nominated(headers: &http::HeaderMap) -> Vec<String> {
+    headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|name| name.trim().to_ascii_lowercase())
         .filter(|name| !name.is_empty() && name != "close" && name != "keep-alive")
-        .collect();
-    for name in named {
-        response.remove_header(name.as_str());
+        .collect()
+}
+
+/// Whether the request asks to become a WebSocket (RFC 6455 §4.1).
+fn is_websocket_upgrade(request: &RequestHeader) -> bool {
+    request.method == http::Method::GET
+        && request.version == http::Version::HTTP_11
+        && request
+            .headers
+            .get(http::header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && connection_nominated(&request.headers)
+            .iter()
+            .any(|name| name == "upgrade")
+}
+
+/// Removes the request fields that concern only the client's connection
+/// (RFC 9110 §7.6.1) before the request goes upstream: the names its
+/// `Connection` lists, the standard hop-by-hop fields and the framing;
+/// then frames the body for the upstream connection (`has_body` without a
+/// `Content-Length`: chunked). A WebSocket upgrade keeps its
+/// `Connection: Upgrade` and `Upgrade: websocket`; no other upgrade is
+/// forwarded.
+pub fn sanitize_request(request: &mut RequestHeader, has_body: bool) -> pingora::Result<()> {
+    let websocket = is_websocket_upgrade(request);
+    for name in connection_nominated(&request.headers) {
+        request.remove_header(name.as_str());
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "http2-settings",
+    ] {
+        request.remove_header(name);
+    }
+    if websocket {
+        request.insert_header(http::header::CONNECTION, "Upgrade")?;
+        request.insert_header(http::header::UPGRADE, "websocket")?;
+    }
+    if has_body && !request.headers.contains_key(http::header::CONTENT_LENGTH) {
+        request.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(())
+}
+
+/// Removes the response fields that concern only the upstream connection
+/// (RFC 9110 §7.6.1): those `Connection` names, `Keep-Alive`,
+/// `Proxy-Connection`. Pingora writes its own `Connection` and framing.
+/// A `101 Switching Protocols` keeps its `Upgrade`: the client needs it.
+pub fn strip_hop_by_hop(response: &mut ResponseHeader) {
+    let switching = response.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    for name in connection_nominated(&response.headers) {
+        if !(switching && name == "upgrade") {
+            response.remove_header(name.as_str());
+        }
     }
     response.remove_header("keep-alive");
     response.remove_header("proxy-connection");
-    if response.status != http::StatusCode::SWITCHING_PROTOCOLS {
+    if !switching {
         response.remove_header(&http::header::UPGRADE);
     }
 }
@@ -169,6 +236,39 @@ mod tests {
         assert_eq!(request.headers[FORWARDED_PROTO], "http");
         assert_eq!(request.headers[FORWARDED_HOST], "shop.example");
         assert_eq!(request.headers[REQUEST_ID], "rid");
+    }
+
+    #[test]
+    fn hop_by_hop_request_fields_go_and_websockets_stay() {
+        let mut request = RequestHeader::build("POST", b"/", None).unwrap();
+        request
+            .insert_header("connection", "x-secret, keep-alive")
+            .unwrap();
+        request.insert_header("x-secret", "1").unwrap();
+        request.insert_header("te", "trailers").unwrap();
+        request
+            .insert_header("transfer-encoding", "chunked")
+            .unwrap();
+        request.insert_header("upgrade", "h2c").unwrap();
+        request.insert_header("x-kept", "1").unwrap();
+        sanitize_request(&mut request, true).unwrap();
+        for gone in ["connection", "x-secret", "te", "upgrade"] {
+            assert!(request.headers.get(gone).is_none(), "{gone}");
+        }
+        assert_eq!(request.headers["transfer-encoding"], "chunked");
+        assert_eq!(request.headers["x-kept"], "1");
+
+        let mut upgrade = RequestHeader::build("GET", b"/ws", None).unwrap();
+        upgrade
+            .insert_header("connection", "keep-alive, Upgrade")
+            .unwrap();
+        upgrade.insert_header("upgrade", "WebSocket").unwrap();
+        upgrade.insert_header("sec-websocket-key", "k").unwrap();
+        sanitize_request(&mut upgrade, false).unwrap();
+        assert_eq!(upgrade.headers["connection"], "Upgrade");
+        assert_eq!(upgrade.headers["upgrade"], "websocket");
+        assert_eq!(upgrade.headers["sec-websocket-key"], "k");
+        assert!(upgrade.headers.get("transfer-encoding").is_none());
     }
 
     #[test]

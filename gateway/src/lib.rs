@@ -5,8 +5,8 @@
 //!   validated run-time `Config`), with located errors.
 //! - [`snapshot`]: one configuration version built for serving (routes,
 //!   upstreams, plugins) and the atomic pointer to the current one.
-//! - [`proxy`]: the thin Pingora `ProxyHttp` implementation walking the
-//!   phases below.
+//! - [`proxy`]: the HTTP/1 proxy app on pingora-core's sessions and
+//!   connection pool, walking the steps below.
 //! - [`forwarding`]: request ids, `X-Forwarded-*`, hop-by-hop fields.
 //! - [`endpoints`]: `/health` and `/services`.
 //! - [`routing`]: longest segment-prefix match and prefix stripping.

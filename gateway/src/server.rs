@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use pingora::connectors::ConnectorOptions;
+use pingora::connectors::http::v1::Connector;
 use pingora::prelude::Server;
 use pingora::server::configuration::ServerConf;
 
@@ -22,9 +24,6 @@ use crate::snapshot::{CurrentSnapshot, Snapshot};
 /// Seconds the runtimes get to wind down after the grace period (only
 /// reached if the drain watch in `shutdown` did not exit first).
 const RUNTIME_SHUTDOWN_SECONDS: u64 = 2;
-/// Pingora's cap on attempts per request; the per-service `retries` is
-/// the real limit and must stay below it.
-const MAX_RETRIES: usize = 16;
 
 /// Runs the gateway on the configuration at `path` until it is told to
 /// stop. With `upgrade`, takes the listening sockets over from a running
@@ -103,13 +102,13 @@ pub fn run(path: &Path, upgrade: bool) -> ExitCode {
     let mut server = Server::new_with_opt_and_conf(Some(options), server_conf(&config));
     server.bootstrap();
     let deadlines = Arc::new(HeaderDeadlines::default());
-    let proxy = pingora::proxy::http_proxy(
-        &server.configuration,
-        Gateway {
-            current: Arc::clone(&current),
-            deadlines: Arc::clone(&deadlines),
-        },
-    );
+    let proxy = Gateway {
+        current: Arc::clone(&current),
+        deadlines: Arc::clone(&deadlines),
+        connector: Connector::new(Some(ConnectorOptions::from_server_conf(
+            &server.configuration,
+        ))),
+    };
     let mut service = pingora::services::listening::Service::new(
         "gateway proxy".to_owned(),
         GuardedProxy::new(proxy, Arc::clone(&current), deadlines),
@@ -138,7 +137,6 @@ fn server_conf(config: &Config) -> ServerConf {
         // backstop, a second later.
         grace_period_seconds: Some(config.shutdown_grace.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN_SECONDS),
-        max_retries: MAX_RETRIES,
         // One gateway per listen port on a machine: name the files after it.
         pid_file: format!("/tmp/gateway-{port}.pid"),
         upgrade_sock: format!("/tmp/gateway-{port}.upgrade.sock"),

@@ -196,7 +196,7 @@ impl Upstream {
     /// The Pingora peer for `instance`, with this service's timeouts (all
     /// set: Pingora's defaults are "wait forever").
     /// `time_left` of the request's total timeout caps the read timeout.
-    pub fn peer(&self, instance: &InstanceHealth, time_left: std::time::Duration) -> Box<HttpPeer> {
+    pub fn peer(&self, instance: &InstanceHealth, time_left: std::time::Duration) -> HttpPeer {
         let mut peer = HttpPeer::new(instance.socket, false, String::new());
         let options = &mut peer.options;
         options.connection_timeout = Some(self.timeouts.connect.min(time_left));
@@ -204,7 +204,7 @@ impl Upstream {
         options.read_timeout = Some(self.timeouts.read.min(time_left));
         options.write_timeout = Some(self.timeouts.write);
         options.idle_timeout = Some(self.timeouts.idle);
-        Box::new(peer)
+        peer
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Backend, BlackHole, Dropper, GatewayProcess, instance_healthy};
+use support::{Backend, BlackHole, Dropper, GatewayProcess, Upgrader, instance_healthy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HEALTH: &str = "health_check: { interval: 200ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }\n";
@@ -531,4 +531,86 @@ async fn only_safe_requests_are_retried_after_they_were_sent() {
         writes.iter().filter(|w| w.starts_with("plain-")).count(),
         plain_ok
     );
+}
+
+/// Reads from `stream` until `needle` has arrived (or 3 s passed).
+async fn read_until(stream: &mut tokio::net::TcpStream, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_becomes_a_two_way_stream() {
+    let upgrader = Upgrader::start();
+    let gateway = GatewayProcess::start(&one_service(&[upgrader.addr], "")).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nhost: t\r\nconnection: keep-alive, Upgrade\r\nupgrade: websocket\r\nsec-websocket-key: k\r\nsec-websocket-version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut stream, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.to_lowercase().contains("upgrade: websocket"), "{head}");
+    let seen = upgrader.last_head.lock().unwrap().clone();
+    assert!(seen.contains("connection: upgrade\r\n"), "{seen}");
+    assert!(seen.contains("upgrade: websocket\r\n"), "{seen}");
+    assert!(seen.contains("sec-websocket-key: k\r\n"), "{seen}");
+    // Both ways, several times: the gateway relays each message as it comes.
+    for message in ["hello", "again", "and again"] {
+        stream.write_all(message.as_bytes()).await.unwrap();
+        let echoed = read_until(&mut stream, &message.to_uppercase()).await;
+        assert_eq!(echoed, message.to_uppercase());
+    }
+    drop(stream);
+    // Any other upgrade is not passed on: the request goes as a plain one.
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut stream, "\r\n\r\n").await;
+    let seen = upgrader.last_head.lock().unwrap().clone();
+    assert!(seen.starts_with("get /x "), "{seen}");
+    assert!(!seen.contains("upgrade"), "{seen}");
+}
+
+#[tokio::test]
+async fn expect_100_continue_gets_its_interim_answer_after_the_checks() {
+    let a = Backend::start("a");
+    let extra = "";
+    let config = format!(
+        "{HEALTH}services:\n  s:\n    instances: [\"{}\"]\n{extra}routes:\n  - {{ prefix: /, service: s, max_body_size: 16 }}\n",
+        a.addr
+    );
+    let gateway = GatewayProcess::start(&config).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let interim = read_until(&mut stream, "\r\n\r\n").await;
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    stream.write_all(b"hello").await.unwrap();
+    let answer = read_until(&mut stream, "hello").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Over the limit: refused at once, no interim answer, body never asked for.
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 500\r\nexpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(a.hits(), 1);
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use http::StatusCode;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::Session;
+use pingora::protocols::http::ServerSession;
 
 use crate::config::PluginConfig;
 
@@ -40,7 +40,10 @@ pub trait Plugin: Send + Sync {
     /// After routing, before upstream selection. `Ok(None)`: continue with
     /// the next plugin and then the upstream; `Ok(Some(rejection))`: answer
     /// the client with it and stop; `Err`: the request fails with a 500.
-    async fn request_filter(&self, _session: &mut Session) -> pingora::Result<Option<Rejection>> {
+    async fn request_filter(
+        &self,
+        _session: &mut ServerSession,
+    ) -> pingora::Result<Option<Rejection>> {
         Ok(None)
     }
 

@@ -348,6 +348,83 @@ impl Drop for Dropper {
     }
 }
 
+/// Answers `GET /health` with 200 and any request asking for an upgrade
+/// with `101 Switching Protocols`, then sends back every byte it receives,
+/// uppercased, until the client closes. Keeps the last request head seen.
+pub struct Upgrader {
+    pub addr: SocketAddr,
+    pub last_head: Arc<std::sync::Mutex<String>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upgrader {
+    pub fn start() -> Upgrader {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let last_head = Arc::new(std::sync::Mutex::new(String::new()));
+        let (stopped, heads) = (Arc::clone(&stop), Arc::clone(&last_head));
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                let Ok((mut socket, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let heads = Arc::clone(&heads);
+                std::thread::spawn(move || {
+                    socket.set_nonblocking(false).unwrap();
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match socket.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head: Vec<u8> = seen.drain(..end + 4).collect();
+                        let head = String::from_utf8_lossy(&head).to_lowercase();
+                        if head.starts_with("get /health") {
+                            let _ =
+                                socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                            continue;
+                        }
+                        *heads.lock().unwrap() = head;
+                        let _ = socket.write_all(
+                            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+                        );
+                        let _ = socket.write_all(&seen.to_ascii_uppercase());
+                        loop {
+                            match socket.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if socket.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Upgrader {
+            addr,
+            last_head,
+            stop,
+        }
+    }
+}
+
+impl Drop for Upgrader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Accepts connections and never answers; holds them until dropped.
 pub struct BlackHole {
     pub addr: SocketAddr,
