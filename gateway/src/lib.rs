@@ -43,14 +43,18 @@ pub fn init_tracing() {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stdout().is_terminal();
     let installed = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
+        .with_ansi(ansi)
         .with_writer(logging::BufferedStdout)
         .try_init()
         .is_ok();
-    if installed && let Err(err) = logging::start_flusher() {
-        eprintln!("cannot start the log writer thread: {err}");
+    if installed {
+        logging::set_plain(!ansi);
+        if let Err(err) = logging::start_flusher() {
+            eprintln!("cannot start the log writer thread: {err}");
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! before the process exits.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,6 +23,32 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub const FLUSH_BYTES: usize = 64 * 1024;
 
 static BUFFER: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// The subscriber writes plain text (no colours) into [`BUFFER`].
+static PLAIN: AtomicBool = AtomicBool::new(false);
+
+/// Records that the installed subscriber writes plain lines into the
+/// buffer, so [`append`]ed lines look like its own.
+pub fn set_plain(plain: bool) {
+    PLAIN.store(plain, Ordering::Relaxed);
+}
+
+/// Whether lines may be formatted by hand and [`append`]ed (the access
+/// log's fast path; see `proxy::Gateway::logging`).
+pub fn plain() -> bool {
+    PLAIN.load(Ordering::Relaxed)
+}
+
+/// Appends whole lines to the buffer; writes it out if it is full.
+pub fn append(bytes: &[u8]) {
+    let full = {
+        let mut buffer = BUFFER.lock().unwrap_or_else(PoisonError::into_inner);
+        buffer.extend_from_slice(bytes);
+        (buffer.len() >= FLUSH_BYTES).then(|| std::mem::take(&mut *buffer))
+    };
+    if let Some(full) = full {
+        write_out(&full);
+    }
+}
 
 /// Writes out every buffered line.
 pub fn flush() {
@@ -46,14 +73,7 @@ pub struct LineWriter;
 
 impl Write for LineWriter {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let full = {
-            let mut buffer = BUFFER.lock().unwrap_or_else(PoisonError::into_inner);
-            buffer.extend_from_slice(bytes);
-            (buffer.len() >= FLUSH_BYTES).then(|| std::mem::take(&mut *buffer))
-        };
-        if let Some(full) = full {
-            write_out(&full);
-        }
+        append(bytes);
         Ok(bytes.len())
     }
 

@@ -14,7 +14,7 @@ use pingora::server::configuration::ServerConf;
 
 use crate::admin;
 use crate::config::{self, Config};
-use crate::downstream::{GuardedProxy, HeaderDeadlines};
+use crate::downstream::GuardedProxy;
 use crate::health::HealthRegistry;
 use crate::proxy::Gateway;
 use crate::reload::{self, Reloader};
@@ -101,17 +101,15 @@ pub fn run(path: &Path, upgrade: bool) -> ExitCode {
     };
     let mut server = Server::new_with_opt_and_conf(Some(options), server_conf(&config));
     server.bootstrap();
-    let deadlines = Arc::new(HeaderDeadlines::default());
     let proxy = Gateway {
         current: Arc::clone(&current),
-        deadlines: Arc::clone(&deadlines),
         connector: Connector::new(Some(ConnectorOptions::from_server_conf(
             &server.configuration,
         ))),
     };
     let mut service = pingora::services::listening::Service::new(
         "gateway proxy".to_owned(),
-        GuardedProxy::new(proxy, Arc::clone(&current), deadlines),
+        GuardedProxy::new(proxy, Arc::clone(&current)),
     );
     service.add_tcp(&config.listen.to_string());
     server.add_service(service);
