@@ -531,6 +531,32 @@ async fn only_safe_requests_are_retried_after_they_were_sent() {
         writes.iter().filter(|w| w.starts_with("plain-")).count(),
         plain_ok
     );
+    // A retried body is replayed whole: it was read once, and up to 64 KiB
+    // of it is kept for this. (After a second, so the retry budget, 10 a
+    // second beyond its share of requests, has refilled.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let dropped_before = dropper.dropped.load(Ordering::SeqCst);
+    let body: String = (0..20_000)
+        .map(|n| char::from(b'a' + (n % 26) as u8))
+        .collect();
+    for i in 0..4 {
+        let echoed = http
+            .post(gateway.url("/echo"))
+            .header("idempotency-key", format!("e{i}"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(echoed.status(), 200, "keyed echo {i}");
+        assert!(
+            echoed.text().await.unwrap() == body,
+            "keyed echo {i}: body changed"
+        );
+    }
+    assert!(
+        dropper.dropped.load(Ordering::SeqCst) > dropped_before,
+        "no echo went to the dropper first: nothing was replayed"
+    );
 }
 
 /// Reads from `stream` until `needle` has arrived (or 3 s passed).
