@@ -31,6 +31,8 @@ WORK = os.path.join(ROOT, "bench", "work")
 RESULTS = os.path.join(ROOT, "bench", "results")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
+# Reference proxies on the gateway's Pingora (bench/baselines).
+BASELINES = ("pingora-bare", "pingora-proxyhttp")
 
 
 def log(message):
@@ -80,15 +82,17 @@ class Processes:
 
 
 def cpu_ticks(pids):
-    total = 0
+    """(user, system) clock ticks the pids have used so far."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
         except FileNotFoundError:
             pass
-    return total
+    return user, system
 
 
 def children(pid):
@@ -147,11 +151,14 @@ def oha(url, connections, seconds, method="GET", body=None, headers=()):
 
 def measured(run, pids):
     """Runs `run()` (an oha call) and adds the CPU the pids used per request."""
-    before = cpu_ticks(pids)
+    user_before, system_before = cpu_ticks(pids)
     result = run()
-    used_us = (cpu_ticks(pids) - before) * 1e6 / CLK_TCK
+    user_after, system_after = cpu_ticks(pids)
     requests = result["ok"] + result["failed"]
-    result["cpu_us_per_request"] = used_us / requests if requests else 0.0
+    per_request = lambda ticks: ticks * 1e6 / CLK_TCK / requests if requests else 0.0
+    result["cpu_user_us_per_request"] = per_request(user_after - user_before)
+    result["cpu_sys_us_per_request"] = per_request(system_after - system_before)
+    result["cpu_us_per_request"] = result["cpu_user_us_per_request"] + result["cpu_sys_us_per_request"]
     return result
 
 
@@ -194,6 +201,18 @@ def start_gateway(procs, backend, threads, name="gateway", admin=False, extra=No
     proc = procs.start(name, [os.path.join(RELEASE, "gateway"), "--config", path], env=env)
     wait_http(f"http://127.0.0.1:{port}/health")
     return port, proc, path
+
+
+def start_baseline(procs, name, backend, threads):
+    """A reference proxy from bench/baselines: `pingora-bare` or `pingora-proxyhttp`."""
+    port = free_port()
+    argv = [os.path.join(RELEASE, name), "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend}",
+            "--threads", str(threads)]
+    if threads > 1:
+        argv.append("--work-stealing")  # as the gateway: Pingora's default, off for one thread
+    proc = procs.start(name, argv)
+    wait_http(f"http://127.0.0.1:{port}/")
+    return port, proc
 
 
 def start_nginx(procs, backend, workers):
@@ -295,6 +314,11 @@ def proxy_comparison(args, procs, threads=None, shapes=None):
     gw_port, gw, _ = start_gateway(procs, gw_backend, threads, name=f"gateway-t{threads}", extra=extra)
     targets["gateway"] = (gw_port, lambda pid=gw.pid: [pid])
 
+    for name in BASELINES:
+        backend = start_backend(procs, f"backend-{name}", args.backend_threads)
+        port, proc = start_baseline(procs, name, backend, threads)
+        targets[name] = (port, lambda pid=proc.pid: [pid])
+
     ng_backend = start_backend(procs, "backend-nginx", args.backend_threads)
     ng_port, ng = start_nginx(procs, ng_backend, threads)
     targets["nginx"] = (ng_port, lambda pid=ng.pid: [pid, *children(pid)])
@@ -321,7 +345,7 @@ def proxy_comparison(args, procs, threads=None, shapes=None):
                 port, pids = targets[name]
                 result = measured(lambda: oha(f"http://127.0.0.1:{port}/", connections, args.seconds), pids())
                 runs[shape][name].append(result)
-                log(f"t{threads} round {round_no} {shape:>3} {name:<8} {result['rps']:>9.0f} req/s  p50 {result['p50_us']:>7.0f} us  "
+                log(f"t{threads} round {round_no} {shape:>3} {name:<17} {result['rps']:>9.0f} req/s  p50 {result['p50_us']:>7.0f} us  "
                     f"p99 {result['p99_us']:>7.0f} us  cpu {result['cpu_us_per_request']:>5.1f} us/req  failed {result['failed']}")
     summary = {}
     for shape, by_target in runs.items():
@@ -332,6 +356,8 @@ def proxy_comparison(args, procs, threads=None, shapes=None):
                 "p50_us": statistics.median(r["p50_us"] for r in results),
                 "p99_us": statistics.median(r["p99_us"] for r in results),
                 "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in results),
+                "cpu_user_us_per_request": statistics.median(r["cpu_user_us_per_request"] for r in results),
+                "cpu_sys_us_per_request": statistics.median(r["cpu_sys_us_per_request"] for r in results),
                 "failed": sum(r["failed"] for r in results),
                 "requests": sum(r["ok"] + r["failed"] for r in results),
             }
@@ -479,7 +505,12 @@ def environment():
 
 def names(summary):
     """Targets in report order, those that ran."""
-    return [n for n in ("direct", "gateway", "nginx", "haproxy", "caddy") if n in summary]
+    return [n for n in ("direct", "gateway", *BASELINES, "nginx", "haproxy", "caddy") if n in summary]
+
+
+def cpu_cell(r):
+    """CPU per request, and its user and kernel parts."""
+    return f"{r['cpu_us_per_request']:.1f} ({r['cpu_user_us_per_request']:.1f} + {r['cpu_sys_us_per_request']:.1f})"
 
 
 def bar(value, scale, width=40):
@@ -508,12 +539,12 @@ def markdown(results, args):
         "",
         f"## Proxies, {args.connections} keep-alive clients",
         "",
-        "| target | req/s | p50 µs | p99 µs | CPU µs/req | failed |",
+        "| target | req/s | p50 µs | p99 µs | CPU µs/req (user + kernel) | failed |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name in names(s["c50"]):
         r = s["c50"][name]
-        lines.append(f"| {name} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['cpu_us_per_request']:.1f} | {r['failed']} |")
+        lines.append(f"| {name} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {cpu_cell(r)} | {r['failed']} |")
     g, n, h, d = (s["c50"][k] for k in ("gateway", "nginx", "haproxy", "direct"))
     ratio = lambda a, b: a / b if b else float("nan")
     lines += [
@@ -525,6 +556,7 @@ def markdown(results, args):
         *([f"- gateway / Caddy: throughput **{ratio(g['rps'], s['c50']['caddy']['rps']):.2f}×**, CPU per request "
             f"**{ratio(g['cpu_us_per_request'], s['c50']['caddy']['cpu_us_per_request']):.2f}×**"] if "caddy" in s["c50"] else []),
         f"- gateway / direct: throughput **{ratio(g['rps'], d['rps']):.2f}×**",
+        *baseline_lines(s["c50"]),
         "",
         "## One client (added latency)",
         "",
@@ -590,6 +622,21 @@ def markdown(results, args):
     return "\n".join(lines)
 
 
+def baseline_lines(by_target):
+    """What the reference proxies say about the gateway's CPU per request."""
+    if not all(name in by_target for name in ("gateway", "nginx", *BASELINES)):
+        return []
+    cpu = {name: by_target[name]["cpu_us_per_request"] for name in ("gateway", "nginx", *BASELINES)}
+    return [
+        f"- gateway / stock Pingora `ProxyHttp` (`pingora-proxyhttp`): CPU per request "
+        f"**{cpu['gateway'] / cpu['pingora-proxyhttp']:.2f}×**, throughput "
+        f"**{by_target['gateway']['rps'] / by_target['pingora-proxyhttp']['rps']:.2f}×**",
+        f"- the floor, pingora-core with nothing on top (`pingora-bare`): {cpu['pingora-bare']:.1f} µs/request, "
+        f"{cpu['pingora-bare'] / cpu['nginx']:.2f}× nginx's; the gateway's features add "
+        f"{cpu['gateway'] - cpu['pingora-bare']:.1f} µs",
+    ]
+
+
 def also_section(results, args):
     if "proxies_also" not in results:
         return []
@@ -598,14 +645,14 @@ def also_section(results, args):
         f"## The same with {args.also_threads} worker{'s' if args.also_threads > 1 else ''} each "
         "(gateway with `work_stealing: false`)",
         "",
-        "| target | clients | req/s | p50 µs | p99 µs | CPU µs/req | failed |",
+        "| target | clients | req/s | p50 µs | p99 µs | CPU µs/req (user + kernel) | failed |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for shape, clients in (("c50", args.connections), ("c1", 1)):
         for name in names(s[shape]):
             r = s[shape][name]
             lines.append(f"| {name} | {clients} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
-                         f"{r['cpu_us_per_request']:.1f} | {r['failed']} |")
+                         f"{cpu_cell(r)} | {r['failed']} |")
     g, n, h = (s["c50"][k] for k in ("gateway", "nginx", "haproxy"))
     lines += [
         "",
@@ -613,6 +660,9 @@ def also_section(results, args):
         f"**{g['cpu_us_per_request'] / n['cpu_us_per_request']:.2f}×**, p99 **{g['p99_us'] / n['p99_us']:.2f}×**",
         f"- gateway / HAProxy: throughput **{g['rps'] / h['rps']:.2f}×**, CPU per request "
         f"**{g['cpu_us_per_request'] / h['cpu_us_per_request']:.2f}×**",
+        *([f"- gateway / Caddy: throughput **{g['rps'] / s['c50']['caddy']['rps']:.2f}×**, CPU per request "
+           f"**{g['cpu_us_per_request'] / s['c50']['caddy']['cpu_us_per_request']:.2f}×**"] if "caddy" in s["c50"] else []),
+        *baseline_lines(s["c50"]),
         "",
     ]
     return lines
@@ -666,6 +716,9 @@ def main():
     failures = results["reload"]["failed"]
     if args.smoke:
         path = os.path.join(WORK, "smoke.json")
+        # The report is rendered too, so a change that breaks it fails CI.
+        with open(os.path.join(WORK, "smoke.md"), "w") as f:
+            f.write(markdown(results, args))
     else:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
         path = os.path.join(RESULTS, f"{stamp}.json")
