@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
 pub const REQUEST_ID: &str = "x-request-id";
@@ -20,6 +20,29 @@ const FORWARDED_HOST: &str = "x-forwarded-host";
 
 /// Longest client-supplied request id kept; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The request fields that never go upstream (RFC 9110 §7.6.1, and what
+/// would change the upstream connection itself).
+const HOP_BY_HOP_REQUEST: [HeaderName; 10] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONNECTION,
+    http::header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
+];
+
+/// The response fields that never go downstream (Pingora writes its own
+/// `Connection` and framing).
+const HOP_BY_HOP_RESPONSE: [HeaderName; 3] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::UPGRADE,
+];
 
 /// A request's id, kept as a header value: the client's is reused as is,
 /// and copies onto the upstream request and the response share one buffer.
@@ -162,19 +185,16 @@ pub fn sanitize_request(request: &mut RequestHeader, has_body: bool) -> pingora:
     for name in connection_nominated(&request.headers) {
         request.remove_header(name.as_str());
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "connection",
-        "upgrade",
-        "http2-settings",
-    ] {
-        request.remove_header(name);
+    // One pass over the names usually finds none of these: then no
+    // removal (each is a hash lookup) is made.
+    if request
+        .headers
+        .keys()
+        .any(|name| HOP_BY_HOP_REQUEST.contains(name))
+    {
+        for name in &HOP_BY_HOP_REQUEST {
+            request.remove_header(name);
+        }
     }
     if websocket {
         request.insert_header(http::header::CONNECTION, "Upgrade")?;
@@ -197,10 +217,10 @@ pub fn strip_hop_by_hop(response: &mut ResponseHeader) {
             response.remove_header(name.as_str());
         }
     }
-    response.remove_header("keep-alive");
-    response.remove_header("proxy-connection");
-    if !switching {
-        response.remove_header(&http::header::UPGRADE);
+    for name in &HOP_BY_HOP_RESPONSE {
+        if response.headers.contains_key(name) && !(switching && name == http::header::UPGRADE) {
+            response.remove_header(name);
+        }
     }
 }
 
