@@ -529,6 +529,10 @@ impl Gateway {
         let mut request = Box::new(session.req_header().clone());
         request.set_version(http::Version::HTTP_11);
         forwarding::sanitize_request(&mut request, has_body)?;
+        if request.headers.contains_key(http::header::EXPECT) {
+            // The gateway answered it (see `proxy`), and streams the body.
+            request.remove_header(&http::header::EXPECT);
+        }
         let Some(route) = ctx.route() else {
             return Ok(request);
         };
@@ -642,6 +646,11 @@ impl Gateway {
             else {
                 break;
             };
+            if chunk.is_empty() {
+                // A read that ended on a chunk boundary. Written to a
+                // chunked upstream body, an empty chunk would end it.
+                continue;
+            }
             Self::count_body(ctx, &chunk)?;
             upstream.write_body(&chunk).await.map_err(|e| e.into_up())?;
         }
@@ -698,6 +707,7 @@ impl Gateway {
             tokio::select! {
                 chunk = session.read_request_body(), if !client_done => {
                     match chunk.map_err(|e| e.into_down())? {
+                        Some(chunk) if chunk.is_empty() => {}
                         Some(chunk) => {
                             upstream.write_body(&chunk).await.map_err(|e| e.into_up())?;
                         }
@@ -840,6 +850,7 @@ impl Gateway {
         };
         let error = outcome.err();
         if let Some(e) = &error {
+            tracing::debug!(error = %e, request_id = %ctx.request_id, "request failed");
             self.fail_to_proxy(session, e, ctx).await;
         }
         error

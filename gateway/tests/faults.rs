@@ -640,3 +640,77 @@ async fn expect_100_continue_gets_its_interim_answer_after_the_checks() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert_eq!(a.hits(), 1);
 }
+
+#[tokio::test]
+async fn a_chunked_upload_split_at_awkward_places_arrives_whole() {
+    let a = Backend::start("a");
+    let gateway = GatewayProcess::start(&one_service(&[a.addr], "")).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .write_all(b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // Each chunk sent in pieces cut inside its size line, its data and its
+    // CRLF: reads then end on every kind of boundary, including ones that
+    // leave no data to pass on (an empty chunk written upstream would end
+    // the body there).
+    let mut sent = Vec::new();
+    for i in 0..40u8 {
+        let data: Vec<u8> = (0..(i as usize % 7) * 300 + 1)
+            .map(|n| b'a' + ((n + i as usize) % 26) as u8)
+            .collect();
+        let framed = [
+            format!("{:x}\r\n", data.len()).into_bytes(),
+            data.clone(),
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        for piece in [
+            &framed[..1],
+            &framed[1..framed.len() - 1],
+            &framed[framed.len() - 1..],
+        ] {
+            stream.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        sent.extend_from_slice(&data);
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    let body_at = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = text[..body_at].to_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(&answer[body_at..])
+    } else {
+        answer[body_at..].to_vec()
+    };
+    assert_eq!(body.len(), sent.len());
+    assert!(body == sent, "the body changed on the way");
+}
+
+/// The data of a chunked body.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..line_end]).unwrap().trim(), 16)
+            .unwrap();
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return data;
+        }
+        data.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
