@@ -605,7 +605,7 @@ def markdown(results, args):
         "## Commands",
         "",
         "```",
-        "bench/run.sh " + " ".join(sys.argv[1:]),
+        " ".join(["bench/run.sh", *results.get("argv", [])]),
         f"oha --no-tui {' '.join(OHA_JSON)} -z {args.seconds}s -c {args.connections} http://127.0.0.1:PORT/   # and -c 1",
         f"head -c {st['bytes']} /dev/zero | curl -X POST -T - http://127.0.0.1:PORT/upload",
         f"curl -o /dev/null http://127.0.0.1:PORT/download/{st['bytes']}",
@@ -635,6 +635,19 @@ def baseline_lines(by_target):
         f"{cpu['pingora-bare'] / cpu['nginx']:.2f}× nginx's; the gateway's features add "
         f"{cpu['gateway'] - cpu['pingora-bare']:.1f} µs",
     ]
+
+
+def render(path):
+    """BENCHMARKS.md again from a saved full run, with the current notes."""
+    global OHA_JSON
+    with open(path) as f:
+        results = json.load(f)
+    args = argparse.Namespace(**results["settings"])
+    OHA_JSON = oha_json_flag()
+    with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
+        f.write(markdown(results, args))
+    log(f"wrote BENCHMARKS.md from {path}")
+    return 0
 
 
 def also_section(results, args):
@@ -684,7 +697,11 @@ def main():
                         help="run only these parts (repeatable); BENCHMARKS.md is then not written")
     parser.add_argument("--gateway-log", default="info", help="RUST_LOG of the gateway (info: access log on)")
     parser.add_argument("--gateway-extra", default="", help="extra top-level gateway.yaml lines, e.g. 'work_stealing: false'")
+    parser.add_argument("--render", metavar="RESULTS_JSON",
+                        help="only rewrite BENCHMARKS.md from a saved full run (e.g. after editing bench/notes.md)")
     args = parser.parse_args()
+    if args.render:
+        return render(args.render)
     if args.smoke:
         args.rounds, args.seconds, args.stream_bytes, args.reload_rewrites = 1, 1, 16 << 20, 2
 
@@ -694,7 +711,7 @@ def main():
     GATEWAY_EXTRA = args.gateway_extra.replace("\\n", "\n")
     os.makedirs(WORK, exist_ok=True)
     os.makedirs(RESULTS, exist_ok=True)
-    results = {"environment": environment(), "settings": vars(args)}
+    results = {"environment": environment(), "settings": vars(args), "argv": sys.argv[1:]}
     procs = Processes()
     parts = {"proxies": proxy_comparison, "streaming": streaming, "reload": reload_under_load, "stack": full_stack}
     keys = {"proxies": "proxies", "streaming": "streaming", "reload": "reload", "stack": "full_stack"}
