@@ -284,6 +284,50 @@ async fn describe(
     .into_response()
 }
 
+/// A raw TCP server on a port of its own: each connection is handed to
+/// `serve` on a thread of its own, until the returned flag is set.
+fn raw_server(
+    serve: impl Fn(std::net::TcpStream) + Send + Sync + 'static,
+) -> (SocketAddr, Arc<AtomicBool>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        while !stopped.load(Ordering::SeqCst) {
+            let Ok((socket, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            };
+            socket.set_nonblocking(false).unwrap();
+            let serve = Arc::clone(&serve);
+            std::thread::spawn(move || serve(socket));
+        }
+    });
+    (addr, stop)
+}
+
+/// Reads from `socket` until a whole request head is in `seen`; returns it
+/// (lowercased) and leaves what follows in `seen`. `None`: closed first.
+fn read_head(socket: &mut std::net::TcpStream, seen: &mut Vec<u8>) -> Option<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head: Vec<u8> = seen.drain(..end + 4).collect();
+            return Some(String::from_utf8_lossy(&head).to_lowercase());
+        }
+        match socket.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
 /// Answers `GET /health` with 200, and closes every other connection as
 /// soon as it has read the request header: a request that was sent and got
 /// no answer.
@@ -295,43 +339,18 @@ pub struct Dropper {
 
 impl Dropper {
     pub fn start() -> Dropper {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let (stop, dropped) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let (stopped, count) = (Arc::clone(&stop), Arc::clone(&dropped));
-        std::thread::spawn(move || {
-            while !stopped.load(Ordering::SeqCst) {
-                let Ok((mut socket, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                };
-                let count = Arc::clone(&count);
-                std::thread::spawn(move || {
-                    socket.set_nonblocking(false).unwrap();
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        match socket.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head: Vec<u8> = seen.drain(..end + 4).collect();
-                            if head.starts_with(b"GET /health") {
-                                let _ = socket
-                                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-                            } else {
-                                count.fetch_add(1, Ordering::SeqCst);
-                                return; // drop the connection unanswered
-                            }
-                        }
-                    }
-                });
+        use std::io::Write;
+        let dropped = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&dropped);
+        let (addr, stop) = raw_server(move |mut socket| {
+            let mut seen = Vec::new();
+            while let Some(head) = read_head(&mut socket, &mut seen) {
+                if head.starts_with("get /health") {
+                    let _ = socket.write_all(HEALTH_OK);
+                } else {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    return; // drop the connection unanswered
+                }
             }
         });
         Dropper {
@@ -360,55 +379,31 @@ pub struct Upgrader {
 impl Upgrader {
     pub fn start() -> Upgrader {
         use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
         let last_head = Arc::new(std::sync::Mutex::new(String::new()));
-        let (stopped, heads) = (Arc::clone(&stop), Arc::clone(&last_head));
-        std::thread::spawn(move || {
-            while !stopped.load(Ordering::SeqCst) {
-                let Ok((mut socket, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(2));
+        let heads = Arc::clone(&last_head);
+        let (addr, stop) = raw_server(move |mut socket| {
+            let mut seen = Vec::new();
+            while let Some(head) = read_head(&mut socket, &mut seen) {
+                if head.starts_with("get /health") {
+                    let _ = socket.write_all(HEALTH_OK);
                     continue;
-                };
-                let heads = Arc::clone(&heads);
-                std::thread::spawn(move || {
-                    socket.set_nonblocking(false).unwrap();
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        match socket.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            continue;
-                        };
-                        let head: Vec<u8> = seen.drain(..end + 4).collect();
-                        let head = String::from_utf8_lossy(&head).to_lowercase();
-                        if head.starts_with("get /health") {
-                            let _ =
-                                socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-                            continue;
-                        }
-                        *heads.lock().unwrap() = head;
-                        let _ = socket.write_all(
-                            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
-                        );
-                        let _ = socket.write_all(&seen.to_ascii_uppercase());
-                        loop {
-                            match socket.read(&mut buf) {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => {
-                                    if socket.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
-                                        return;
-                                    }
-                                }
+                }
+                *heads.lock().unwrap() = head;
+                let _ = socket.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+                );
+                let _ = socket.write_all(&seen.to_ascii_uppercase());
+                let mut buf = [0u8; 4096];
+                loop {
+                    match socket.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if socket.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                                return;
                             }
                         }
                     }
-                });
+                }
             }
         });
         Upgrader {
