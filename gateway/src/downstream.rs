@@ -51,7 +51,7 @@ impl ServerApp for GuardedProxy {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let limits = self.current.load().config.downstream;
+        let limits = self.current.peek().config.downstream;
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let _open = OpenConnection(&self.open);
         if open > limits.max_connections {

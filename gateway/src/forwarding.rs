@@ -21,9 +21,10 @@ const FORWARDED_HOST: &str = "x-forwarded-host";
 /// Longest client-supplied request id kept; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// The request fields that never go upstream (RFC 9110 §7.6.1, and what
-/// would change the upstream connection itself).
-const HOP_BY_HOP_REQUEST: [HeaderName; 10] = [
+/// The request fields that never go upstream (RFC 9110 §7.6.1, what would
+/// change the upstream connection itself, and `Expect`: the gateway answers
+/// `100-continue` itself and streams the body as it comes).
+const HOP_BY_HOP_REQUEST: [HeaderName; 11] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     http::header::PROXY_AUTHENTICATE,
@@ -34,6 +35,7 @@ const HOP_BY_HOP_REQUEST: [HeaderName; 10] = [
     http::header::CONNECTION,
     http::header::UPGRADE,
     HeaderName::from_static("http2-settings"),
+    http::header::EXPECT,
 ];
 
 /// The response fields that never go downstream (Pingora writes its own
@@ -175,8 +177,8 @@ fn is_websocket_upgrade(request: &RequestHeader) -> bool {
 
 /// Removes the request fields that concern only the client's connection
 /// (RFC 9110 §7.6.1) before the request goes upstream: the names its
-/// `Connection` lists, the standard hop-by-hop fields and the framing;
-/// then frames the body for the upstream connection (`has_body` without a
+/// `Connection` lists, the standard hop-by-hop fields, `Expect` and the
+/// framing; then frames the body for the upstream connection (`has_body` without a
 /// `Content-Length`: chunked). A WebSocket upgrade keeps its
 /// `Connection: Upgrade` and `Upgrade: websocket`; no other upgrade is
 /// forwarded.
@@ -270,9 +272,10 @@ mod tests {
             .insert_header("transfer-encoding", "chunked")
             .unwrap();
         request.insert_header("upgrade", "h2c").unwrap();
+        request.insert_header("expect", "100-continue").unwrap();
         request.insert_header("x-kept", "1").unwrap();
         sanitize_request(&mut request, true).unwrap();
-        for gone in ["connection", "x-secret", "te", "upgrade"] {
+        for gone in ["connection", "x-secret", "te", "upgrade", "expect"] {
             assert!(request.headers.get(gone).is_none(), "{gone}");
         }
         assert_eq!(request.headers["transfer-encoding"], "chunked");

@@ -529,10 +529,6 @@ impl Gateway {
         let mut request = Box::new(session.req_header().clone());
         request.set_version(http::Version::HTTP_11);
         forwarding::sanitize_request(&mut request, has_body)?;
-        if request.headers.contains_key(http::header::EXPECT) {
-            // The gateway answered it (see `proxy`), and streams the body.
-            request.remove_header(&http::header::EXPECT);
-        }
         let Some(route) = ctx.route() else {
             return Ok(request);
         };
@@ -748,8 +744,8 @@ impl Gateway {
             && !session.is_body_empty()
         {
             // The request passed every check: the client may send its body.
-            // (The Expect field is not forwarded: the body is streamed as
-            // it comes.)
+            // (Expect is not forwarded, see `forwarding::sanitize_request`:
+            // the body is streamed as it comes.)
             session
                 .write_continue_response()
                 .await
@@ -837,18 +833,21 @@ impl Gateway {
         }
     }
 
+    /// Checks, then the upstream, unless a check answered.
+    async fn checked_proxy(
+        &self,
+        session: &mut ServerSession,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if self.early_checks(session, ctx).await? || self.request_checks(session, ctx).await? {
+            return Ok(());
+        }
+        self.proxy(session, ctx).await
+    }
+
     /// One request, start to end, after its header was read.
     async fn serve(&self, session: &mut ServerSession, ctx: &mut RequestCtx) -> Option<Box<Error>> {
-        let outcome = match self.early_checks(session, ctx).await {
-            Ok(true) => Ok(()),
-            Ok(false) => match self.request_checks(session, ctx).await {
-                Ok(true) => Ok(()),
-                Ok(false) => self.proxy(session, ctx).await,
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
-        let error = outcome.err();
+        let error = self.checked_proxy(session, ctx).await.err();
         if let Some(e) = &error {
             tracing::debug!(error = %e, request_id = %ctx.request_id, "request failed");
             self.fail_to_proxy(session, e, ctx).await;
@@ -872,7 +871,7 @@ impl HttpServerApp for Gateway {
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        let header_timeout = self.current.load().config.downstream.header_timeout;
+        let header_timeout = self.current.peek().config.downstream.header_timeout;
         let read = tokio::select! {
             biased; // a request already received is served
             read = tokio::time::timeout(header_timeout, session.read_request()) => read,

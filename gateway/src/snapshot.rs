@@ -127,6 +127,12 @@ impl CurrentSnapshot {
         self.0.load_full()
     }
 
+    /// A short look at the current version (a field or two), without
+    /// taking a reference count.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.0.load()
+    }
+
     /// Publishes `next`; requests already running keep theirs.
     pub fn publish(&self, next: Snapshot) {
         self.0.store(Arc::new(next));
