@@ -26,6 +26,17 @@ fn one_service(instances: &[std::net::SocketAddr], extra: &str) -> String {
     )
 }
 
+/// Reports a load run and fails if any request did not get a 200.
+fn assert_none_failed(what: &str, ok: u64, failed: &[String]) {
+    eprintln!("{what}: {ok} ok, {} failed", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{what}: {} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
 /// `clients` tasks sending `GET url` until `until`; returns the number of
 /// 200s and a description of every other outcome.
 async fn get_load(url: String, clients: usize, until: Instant) -> (u64, Vec<String>) {
@@ -64,16 +75,7 @@ async fn killing_one_of_two_instances_under_get_load_shows_no_error() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     a.kill();
     let (ok, failed) = load.await.unwrap();
-    eprintln!(
-        "GET load, one of two killed: {ok} ok, {} failed",
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    assert_none_failed("GET load, one of two killed", ok, &failed);
     assert!(ok > 100);
     assert!(b.hits() > 0);
 }
@@ -225,14 +227,7 @@ async fn an_instance_answering_500_is_ejected_before_the_next_active_check() {
         "three 500s pass through, then the instance is out: {statuses:?}"
     );
     assert_eq!(bad.hits(), 3);
-    let services: Value = http
-        .get(gateway.url("/services"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let services = gateway.services().await;
     assert_eq!(
         instance_healthy(&services, &bad.addr.to_string()),
         Some(false)
@@ -311,16 +306,7 @@ async fn a_binary_upgrade_under_load_fails_no_request() {
     let exit = tokio::task::block_in_place(|| old.wait_exit(Duration::from_secs(8)));
     assert!(exit.is_some(), "the old gateway exits after handing over");
     let (ok, failed) = load.await.unwrap();
-    eprintln!(
-        "binary upgrade under load: {ok} ok, {} failed",
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
+    assert_none_failed("binary upgrade under load", ok, &failed);
     // The new process answers now.
     let health = reqwest::get(old.url("/health")).await.unwrap();
     assert_eq!(health.status(), 200);

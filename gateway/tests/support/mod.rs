@@ -637,22 +637,24 @@ impl GatewayProcess {
 
     /// Polls `GET /services` until `predicate` holds, or panics after
     /// `limit`. Returns how long it took.
+    /// The gateway's `/services` answer.
+    pub async fn services(&self) -> Value {
+        reqwest::get(self.url("/services"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn wait_for_services(
         &self,
         limit: Duration,
         predicate: impl Fn(&Value) -> bool,
     ) -> Duration {
         let started = Instant::now();
-        let client = reqwest::Client::new();
         loop {
-            let services: Value = client
-                .get(self.url("/services"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let services = self.services().await;
             if predicate(&services) {
                 return started.elapsed();
             }
