@@ -209,7 +209,7 @@ def start_baseline(procs, name, backend, threads):
     argv = [os.path.join(RELEASE, name), "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend}",
             "--threads", str(threads)]
     if threads > 1:
-        argv.append("--work-stealing")  # as the gateway: Pingora's default, off for one thread
+        argv.append("--work-stealing")  # stock Pingora: its default, off for one thread
     proc = procs.start(name, argv)
     wait_http(f"http://127.0.0.1:{port}/")
     return port, proc

@@ -16,29 +16,32 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
-use crate::proxy::Gateway;
 use crate::snapshot::CurrentSnapshot;
+use crate::workers::{Placement, Workers};
 
-/// The proxy app behind a limit on open client connections.
+/// The proxy app behind a limit on open client connections; hands each
+/// connection to a worker (see `workers`).
 pub struct GuardedProxy {
-    pub inner: Arc<Gateway>,
+    pub workers: Arc<Workers>,
     pub current: Arc<CurrentSnapshot>,
-    open: AtomicUsize,
+    /// Open client connections.
+    open: Arc<AtomicUsize>,
 }
 
 impl GuardedProxy {
-    pub fn new(inner: Gateway, current: Arc<CurrentSnapshot>) -> Self {
+    pub fn new(workers: Arc<Workers>, current: Arc<CurrentSnapshot>) -> Self {
         Self {
-            inner: Arc::new(inner),
+            workers,
             current,
-            open: AtomicUsize::new(0),
+            open: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
 
-struct OpenConnection<'a>(&'a AtomicUsize);
+/// Counts one open client connection for as long as it lives.
+struct OpenConnection(Arc<AtomicUsize>);
 
-impl Drop for OpenConnection<'_> {
+impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -46,6 +49,8 @@ impl Drop for OpenConnection<'_> {
 
 #[async_trait]
 impl ServerApp for GuardedProxy {
+    /// Serves the whole connection (its kept-alive requests too) on one
+    /// worker, so this returns no stream to reuse.
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -53,7 +58,7 @@ impl ServerApp for GuardedProxy {
     ) -> Option<Stream> {
         let limits = self.current.peek().config.downstream;
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-        let _open = OpenConnection(&self.open);
+        let counted = OpenConnection(Arc::clone(&self.open));
         if open > limits.max_connections {
             tracing::warn!(
                 open,
@@ -62,10 +67,19 @@ impl ServerApp for GuardedProxy {
             );
             return None;
         }
-        ServerApp::process_new(&self.inner, stream, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        ServerApp::cleanup(self.inner.as_ref()).await;
+        match self.workers.place() {
+            Placement::Here(gateway) => {
+                Workers::serve_connection(gateway, stream, shutdown).await;
+            }
+            Placement::There(runtime, gateway) => {
+                let gateway = Arc::clone(gateway);
+                let shutdown = shutdown.clone();
+                runtime.spawn(async move {
+                    let _counted = counted;
+                    Workers::serve_connection(&gateway, stream, &shutdown).await;
+                });
+            }
+        }
+        None
     }
 }

@@ -16,6 +16,7 @@
 //! - [`discovery`]: where instances come from (the extension trait).
 //! - [`errors`]: the one mapping from failures to status and JSON body.
 //! - [`server`]: start-up and the Pingora server.
+//! - [`workers`]: share-nothing worker threads, each with its own pool.
 //! - [`logging`]: buffered log output (the access log costs no system call).
 
 pub mod admin;
@@ -35,6 +36,7 @@ pub mod server;
 pub mod shutdown;
 pub mod snapshot;
 pub mod upstream;
+pub mod workers;
 
 /// Sets up `tracing` output (`RUST_LOG`, default `info`), which also
 /// receives Pingora's `log` records, through the buffered writer of

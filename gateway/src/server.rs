@@ -11,6 +11,7 @@ use pingora::connectors::ConnectorOptions;
 use pingora::connectors::http::v1::Connector;
 use pingora::prelude::Server;
 use pingora::server::configuration::ServerConf;
+use pingora::services::background::background_service;
 
 use crate::admin;
 use crate::config::{self, Config};
@@ -20,6 +21,7 @@ use crate::proxy::Gateway;
 use crate::reload::{self, Reloader};
 use crate::shutdown;
 use crate::snapshot::{CurrentSnapshot, Snapshot};
+use crate::workers::Workers;
 
 /// Seconds the runtimes get to wind down after the grace period (only
 /// reached if the drain watch in `shutdown` did not exit first).
@@ -101,16 +103,27 @@ pub fn run(path: &Path, upgrade: bool) -> ExitCode {
     };
     let mut server = Server::new_with_opt_and_conf(Some(options), server_conf(&config));
     server.bootstrap();
-    let proxy = Gateway {
-        current: Arc::clone(&current),
-        connector: Connector::new(Some(ConnectorOptions::from_server_conf(
-            &server.configuration,
-        ))),
-    };
+    let options = ConnectorOptions::from_server_conf(&server.configuration);
+    let layout = Layout::of(&config);
+    let workers = Workers::new(
+        (0..layout.workers)
+            .map(|_| Gateway {
+                current: Arc::clone(&current),
+                connector: Connector::new(Some(options.clone())),
+            })
+            .collect(),
+    );
+    for index in 1..workers.count() {
+        server.add_service(background_service(
+            &format!("gateway worker {index}"),
+            workers.runtime_lender(index),
+        ));
+    }
     let mut service = pingora::services::listening::Service::new(
         "gateway proxy".to_owned(),
-        GuardedProxy::new(proxy, Arc::clone(&current)),
+        GuardedProxy::new(workers, Arc::clone(&current)),
     );
+    service.threads = Some(layout.threads_each);
     service.add_tcp(&config.listen.to_string());
     server.add_service(service);
     tracing::info!(
@@ -124,6 +137,31 @@ pub fn run(path: &Path, upgrade: bool) -> ExitCode {
     drop(control);
     tracing::info!("gateway stopped");
     ExitCode::SUCCESS
+}
+
+/// How the proxy's `threads` are laid out: with `work_stealing: true`, one
+/// worker, a runtime of `threads` threads that steal tasks from each other;
+/// with `false`, `threads` share-nothing workers of one thread each (see
+/// `workers`).
+struct Layout {
+    workers: usize,
+    threads_each: usize,
+}
+
+impl Layout {
+    fn of(config: &Config) -> Self {
+        if config.work_stealing {
+            Layout {
+                workers: 1,
+                threads_each: config.threads,
+            }
+        } else {
+            Layout {
+                workers: config.threads,
+                threads_each: 1,
+            }
+        }
+    }
 }
 
 fn server_conf(config: &Config) -> ServerConf {

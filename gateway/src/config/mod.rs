@@ -79,8 +79,9 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Worker threads of the proxy service.
     pub threads: usize,
-    /// Pingora's `work_stealing` (one shared runtime) or a runtime per
-    /// thread without stealing.
+    /// One runtime whose `threads` steal work from each other, or (false)
+    /// `threads` share-nothing workers of one thread each; see
+    /// `server::Workers`.
     pub work_stealing: bool,
     pub downstream: Downstream,
     /// Whole seconds (Pingora counts in seconds).

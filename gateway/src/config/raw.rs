@@ -22,7 +22,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub threads: Option<Spanned<usize>>,
     /// Whether idle proxy threads steal work from busy ones (Pingora's
-    /// `work_stealing`); default true.
+    /// `work_stealing`); default false: share-nothing workers.
     #[serde(default)]
     pub work_stealing: Option<bool>,
     #[serde(default)]

@@ -87,7 +87,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         listen: listen.unwrap_or_else(unreachable_default),
         admin_listen: admin_listen.flatten(),
         threads,
-        work_stealing: raw.work_stealing.unwrap_or(true),
+        work_stealing: raw.work_stealing.unwrap_or(false),
         downstream,
         shutdown_grace,
         services,
