@@ -526,8 +526,10 @@ impl GatewayProcess {
         panic!("gateway did not answer /health in 20 s:\n{}", gateway.log());
     }
 
+    /// Two workers whatever the machine's CPUs, so that every test also
+    /// goes through the hand-off of connections to the second worker.
     fn file_text(addr: SocketAddr, admin: SocketAddr, body: &str) -> String {
-        format!("listen: \"{addr}\"\nadmin_listen: \"{admin}\"\n{body}")
+        format!("listen: \"{addr}\"\nadmin_listen: \"{admin}\"\nthreads: 2\n{body}")
     }
 
     pub fn url(&self, path: &str) -> String {
