@@ -16,20 +16,21 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
+use crate::proxy::Gateway;
 use crate::snapshot::CurrentSnapshot;
 use crate::workers::{Placement, Workers};
 
 /// The proxy app behind a limit on open client connections; hands each
 /// connection to a worker (see `workers`).
 pub struct GuardedProxy {
-    pub workers: Arc<Workers>,
+    pub workers: Arc<Workers<Gateway>>,
     pub current: Arc<CurrentSnapshot>,
     /// Open client connections.
     open: Arc<AtomicUsize>,
 }
 
 impl GuardedProxy {
-    pub fn new(workers: Arc<Workers>, current: Arc<CurrentSnapshot>) -> Self {
+    pub fn new(workers: Arc<Workers<Gateway>>, current: Arc<CurrentSnapshot>) -> Self {
         Self {
             workers,
             current,
