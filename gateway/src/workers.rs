@@ -9,10 +9,12 @@
 //!
 //! Why not Pingora's own no-steal runtime (one service over several
 //! single-thread runtimes): it places connections on random threads, which
-//! is fine, but its connection pool is shared and watches each idle pooled
-//! connection from a task on a random thread, so most proxied requests woke
-//! another thread. Measured on the bench, two workers this way spent less
-//! CPU per request than either that or one work-stealing runtime
+//! is fine, but its connection pool is shared and pingora-core spawns the
+//! watch task of each idle pooled connection on a random thread, so about
+//! half the requests wake the other thread when they release and reuse an
+//! upstream connection (measured at two threads: five times the voluntary
+//! context switches per request of one work-stealing runtime). Two workers
+//! this way spent less CPU per request on the bench than either layout
 //! (`bench/notes.md`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
