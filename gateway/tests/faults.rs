@@ -358,8 +358,7 @@ async fn a_slowloris_client_is_cut_off_and_blocks_nobody() {
 
 /// A raw HTTP/1.1 exchange: the status code of the answer (0 if none).
 async fn raw_status(gateway: &GatewayProcess, request: &[u8]) -> u16 {
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream.write_all(request).await.unwrap();
+    let mut stream = gateway.send_raw(request).await;
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut answer)).await;
     let text = String::from_utf8_lossy(&answer);
@@ -564,11 +563,7 @@ async fn read_until(stream: &mut tokio::net::TcpStream, needle: &str) -> String 
 async fn a_websocket_upgrade_becomes_a_two_way_stream() {
     let upgrader = Upgrader::start();
     let gateway = GatewayProcess::start(&one_service(&[upgrader.addr], "")).await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream
-        .write_all(b"GET /chat HTTP/1.1\r\nhost: t\r\nconnection: keep-alive, Upgrade\r\nupgrade: websocket\r\nsec-websocket-key: k\r\nsec-websocket-version: 13\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = gateway.send_raw(b"GET /chat HTTP/1.1\r\nhost: t\r\nconnection: keep-alive, Upgrade\r\nupgrade: websocket\r\nsec-websocket-key: k\r\nsec-websocket-version: 13\r\n\r\n").await;
     let head = read_until(&mut stream, "\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(head.to_lowercase().contains("upgrade: websocket"), "{head}");
@@ -584,11 +579,9 @@ async fn a_websocket_upgrade_becomes_a_two_way_stream() {
     }
     drop(stream);
     // Any other upgrade is not passed on: the request goes as a plain one.
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream
-        .write_all(b"GET /x HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = gateway
+        .send_raw(b"GET /x HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
+        .await;
     read_until(&mut stream, "\r\n\r\n").await;
     let seen = upgrader.last_head.lock().unwrap().clone();
     assert!(seen.starts_with("get /x "), "{seen}");
@@ -598,30 +591,23 @@ async fn a_websocket_upgrade_becomes_a_two_way_stream() {
 #[tokio::test]
 async fn expect_100_continue_gets_its_interim_answer_after_the_checks() {
     let a = Backend::start("a");
-    let extra = "";
     let config = format!(
-        "{HEALTH}services:\n  s:\n    instances: [\"{}\"]\n{extra}routes:\n  - {{ prefix: /, service: s, max_body_size: 16 }}\n",
+        "{HEALTH}services:\n  s:\n    instances: [\"{}\"]\nroutes:\n  - {{ prefix: /, service: s, max_body_size: 16 }}\n",
         a.addr
     );
     let gateway = GatewayProcess::start(&config).await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream
-        .write_all(
+    let mut stream = gateway
+        .send_raw(
             b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
         )
-        .await
-        .unwrap();
+        .await;
     let interim = read_until(&mut stream, "\r\n\r\n").await;
     assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
     stream.write_all(b"hello").await.unwrap();
     let answer = read_until(&mut stream, "hello").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // Over the limit: refused at once, no interim answer, body never asked for.
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream
-        .write_all(b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 500\r\nexpect: 100-continue\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = gateway.send_raw(b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 500\r\nexpect: 100-continue\r\n\r\n").await;
     let answer = read_until(&mut stream, "\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert_eq!(a.hits(), 1);
@@ -631,12 +617,7 @@ async fn expect_100_continue_gets_its_interim_answer_after_the_checks() {
 async fn a_chunked_upload_split_at_awkward_places_arrives_whole() {
     let a = Backend::start("a");
     let gateway = GatewayProcess::start(&one_service(&[a.addr], "")).await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream
-        .write_all(b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let mut stream = gateway.send_raw(b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n").await;
     // Each chunk sent in pieces cut inside its size line, its data and its
     // CRLF: reads then end on every kind of boundary, including ones that
     // leave no data to pass on (an empty chunk written upstream would end

@@ -251,11 +251,10 @@ async fn a_large_upload_streams_through_without_growing_memory() {
     ))
     .await;
     let rss_before = gateway.memory_kib("VmRSS");
-    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     let head = format!(
         "POST /upload HTTP/1.1\r\nhost: test\r\ncontent-type: application/octet-stream\r\ncontent-length: {SIZE}\r\nconnection: close\r\n\r\n"
     );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut stream = gateway.send_raw(head.as_bytes()).await;
     let chunk = vec![0xA5u8; 256 * 1024];
     for _ in 0..SIZE / chunk.len() as u64 {
         stream.write_all(&chunk).await.unwrap();

@@ -284,11 +284,21 @@ async fn describe(
     .into_response()
 }
 
-/// A raw TCP server on a port of its own: each connection is handed to
-/// `serve` on a thread of its own, until the returned flag is set.
-fn raw_server(
-    serve: impl Fn(std::net::TcpStream) + Send + Sync + 'static,
-) -> (SocketAddr, Arc<AtomicBool>) {
+/// A raw TCP server on a port of its own; stops accepting when dropped.
+pub struct RawServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Hands each connection to `serve` on a thread of its own, until the
+/// returned server is dropped.
+fn raw_server(serve: impl Fn(std::net::TcpStream) + Send + Sync + 'static) -> RawServer {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -306,7 +316,7 @@ fn raw_server(
             std::thread::spawn(move || serve(socket));
         }
     });
-    (addr, stop)
+    RawServer { addr, stop }
 }
 
 /// Reads from `socket` until a whole request head is in `seen`; returns it
@@ -334,7 +344,7 @@ const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 pub struct Dropper {
     pub addr: SocketAddr,
     pub dropped: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    _server: RawServer,
 }
 
 impl Dropper {
@@ -342,7 +352,7 @@ impl Dropper {
         use std::io::Write;
         let dropped = Arc::new(AtomicU64::new(0));
         let count = Arc::clone(&dropped);
-        let (addr, stop) = raw_server(move |mut socket| {
+        let server = raw_server(move |mut socket| {
             let mut seen = Vec::new();
             while let Some(head) = read_head(&mut socket, &mut seen) {
                 if head.starts_with("get /health") {
@@ -354,16 +364,10 @@ impl Dropper {
             }
         });
         Dropper {
-            addr,
+            addr: server.addr,
             dropped,
-            stop,
+            _server: server,
         }
-    }
-}
-
-impl Drop for Dropper {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
@@ -373,7 +377,7 @@ impl Drop for Dropper {
 pub struct Upgrader {
     pub addr: SocketAddr,
     pub last_head: Arc<std::sync::Mutex<String>>,
-    stop: Arc<AtomicBool>,
+    _server: RawServer,
 }
 
 impl Upgrader {
@@ -381,7 +385,7 @@ impl Upgrader {
         use std::io::{Read, Write};
         let last_head = Arc::new(std::sync::Mutex::new(String::new()));
         let heads = Arc::clone(&last_head);
-        let (addr, stop) = raw_server(move |mut socket| {
+        let server = raw_server(move |mut socket| {
             let mut seen = Vec::new();
             while let Some(head) = read_head(&mut socket, &mut seen) {
                 if head.starts_with("get /health") {
@@ -407,48 +411,31 @@ impl Upgrader {
             }
         });
         Upgrader {
-            addr,
+            addr: server.addr,
             last_head,
-            stop,
+            _server: server,
         }
-    }
-}
-
-impl Drop for Upgrader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
 /// Accepts connections and never answers; holds them until dropped.
 pub struct BlackHole {
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    /// The connections, open until the black hole is dropped.
+    _held: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    _server: RawServer,
 }
 
 impl BlackHole {
     pub fn start() -> BlackHole {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            while !stopped.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((socket, _)) => held.push(socket),
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        BlackHole { addr, stop }
-    }
-}
-
-impl Drop for BlackHole {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let holder = Arc::clone(&held);
+        let server = raw_server(move |socket| holder.lock().unwrap().push(socket));
+        BlackHole {
+            addr: server.addr,
+            _held: held,
+            _server: server,
+        }
     }
 }
 
@@ -530,6 +517,16 @@ impl GatewayProcess {
     /// goes through the hand-off of connections to the second worker.
     fn file_text(addr: SocketAddr, admin: SocketAddr, body: &str) -> String {
         format!("listen: \"{addr}\"\nadmin_listen: \"{admin}\"\nthreads: 2\n{body}")
+    }
+
+    /// A raw connection to the gateway with `bytes` already sent on it
+    /// (no Nagle delay: later writes go out as written).
+    pub async fn send_raw(&self, bytes: &[u8]) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream.write_all(bytes).await.unwrap();
+        stream
     }
 
     pub fn url(&self, path: &str) -> String {
