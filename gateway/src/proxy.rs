@@ -12,9 +12,9 @@
 //! pingora-core.
 //!
 //! Per request, in order ([`Gateway::serve`]):
-//! 1. the request header (read with the shutdown in view);
-//!    `early_checks`: the slowloris deadline is disarmed, header size
-//!    (431), framing and path sanity (400);
+//! 1. the request header, read within `downstream.header_timeout`
+//!    (slowloris, idle keep-alive) and with the shutdown in view;
+//!    `early_checks`: header size (431), framing and path sanity (400);
 //! 2. `request_checks`: request id; gateway endpoints (`/health`,
 //!    `/services`); route lookup (404); a declared body over the route's
 //!    limit (413); no instance able to take it (503, at once); the route's
@@ -29,8 +29,7 @@
 //!    within the retry budget, and counts against the instance;
 //! 4. a failure is mapped once ([`crate::errors`]) and answered as JSON if
 //!    the client can still be answered;
-//! 5. one access-log line; the slowloris deadline re-armed for the
-//!    connection's next request.
+//! 5. one access-log line; the connection waits for its next request.
 //!
 //! Bodies are never buffered: each chunk read is written before the next
 //! is read, in both directions (up to 64 KiB of a request body is kept to
