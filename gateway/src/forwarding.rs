@@ -83,13 +83,10 @@ pub fn request_id(request: &RequestHeader) -> RequestId {
         .get(REQUEST_ID)
         .filter(|value| value.to_str().is_ok_and(is_sane_request_id))
         .cloned();
-    RequestId(Some(kept.unwrap_or_else(|| {
-        // Hex digits only: always a valid header value.
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(new_request_id()))
-            .unwrap_or_else(|_| HeaderValue::from_static("-"))
-    })))
+    RequestId(Some(kept.unwrap_or_else(new_header_value)))
 }
 
+/// A new id as a header value (hex digits only: always a valid one).
 fn new_header_value() -> HeaderValue {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(new_request_id()))
         .unwrap_or_else(|_| HeaderValue::from_static("-"))
