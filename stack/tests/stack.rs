@@ -121,7 +121,11 @@ routes:
     collect_lines(stack.stdout.take().unwrap(), &output);
     collect_lines(stack.stderr.take().unwrap(), &output);
     wait_for_line(&output, "stack ready", Duration::from_secs(60), || {
-        assert!(stack.try_wait().unwrap().is_none(), "stack exited");
+        assert!(
+            stack.try_wait().unwrap().is_none(),
+            "stack exited:\n{}",
+            output.lock().unwrap().join("\n")
+        );
     })
     .await;
     let pid_of = |label: &str| -> i32 {
