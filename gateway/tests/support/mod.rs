@@ -552,12 +552,7 @@ impl GatewayProcess {
 
     /// `GET /admin/config`.
     pub async fn admin_config(&self) -> Value {
-        reqwest::get(self.admin_url("/admin/config"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(self.admin_url("/admin/config")).await
     }
 
     /// Waits until the last reload attempt is newer than `previous` (its
@@ -634,18 +629,13 @@ impl GatewayProcess {
             .unwrap()
     }
 
-    /// Polls `GET /services` until `predicate` holds, or panics after
-    /// `limit`. Returns how long it took.
     /// The gateway's `/services` answer.
     pub async fn services(&self) -> Value {
-        reqwest::get(self.url("/services"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(self.url("/services")).await
     }
 
+    /// Polls `GET /services` until `predicate` holds, or panics after
+    /// `limit`. Returns how long it took.
     pub async fn wait_for_services(
         &self,
         limit: Duration,
@@ -671,6 +661,11 @@ impl Drop for GatewayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `GET url`, its body as JSON.
+async fn get_json(url: String) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
 }
 
 /// The health state of `address` in a `/services` answer.
