@@ -11,6 +11,9 @@
 //! Pingora's: `ServerSession`, `HttpSession` and `Connector` from
 //! pingora-core.
 //!
+//! A connection's requests are served one after the other by
+//! [`Gateway::handle`], in the connection's own loop (`process_new`).
+//!
 //! Per request, in order ([`Gateway::serve`]):
 //! 1. the request header, read within `downstream.header_timeout`
 //!    (slowloris, idle keep-alive) and with the shutdown in view;
@@ -41,9 +44,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::apps::{HttpPersistentSettings, ReusedHttpStream, ServerApp};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::server::ShutdownWatch;
@@ -134,6 +138,17 @@ impl RequestCtx {
     fn attempts(&self) -> u32 {
         self.tried.len() as u32
     }
+}
+
+/// What is left to do with the client connection after a request.
+enum Served {
+    /// Finish the response; keep the connection for the next request if
+    /// it can be.
+    Finish,
+    /// Shut the connection down (after a failure).
+    ShutDown,
+    /// Drop it (closed by the client, or the server is stopping).
+    Close,
 }
 
 /// What the upstream connection is fit for after an exchange.
@@ -729,6 +744,20 @@ impl Gateway {
         Ok(())
     }
 
+    /// A pooled connection to `peer`, else a new one. Connecting is boxed:
+    /// its future (TCP connect, and TLS in Pingora's type) is several
+    /// times the size of the rest of a request's, and would otherwise be
+    /// part of, and copied with, every request's future.
+    async fn upstream_session(
+        &self,
+        peer: &UpstreamPeer,
+    ) -> pingora::Result<(UpstreamSession, bool)> {
+        if let Some(pooled) = self.connector.reused_http_session(peer).await {
+            return Ok((pooled, true));
+        }
+        Box::pin(self.connector.get_http_session(peer)).await
+    }
+
     /// Attempts, as many as allowed, until one gets a response through.
     async fn proxy(
         &self,
@@ -753,7 +782,7 @@ impl Gateway {
         }
         loop {
             let peer = Self::upstream_peer(ctx)?;
-            let (mut upstream, reused) = match self.connector.get_http_session(&peer).await {
+            let (mut upstream, reused) = match self.upstream_session(&peer).await {
                 Ok(connected) => connected,
                 Err(e) => {
                     let e = Self::fail_to_connect(&peer, ctx, e.into_up());
@@ -865,41 +894,82 @@ async fn shutting_down(shutdown: &ShutdownWatch) {
 }
 
 #[async_trait]
-impl HttpServerApp for Gateway {
-    async fn process_new_http(
+impl ServerApp for Gateway {
+    /// Serves a client connection, request after request, as Pingora's own
+    /// HTTP/1 loop does (the gateway speaks plain HTTP/1.1 downstream).
+    ///
+    /// The loop is here rather than Pingora's `HttpServerApp` because that
+    /// trait boxes each request's future: a heap allocation, and a copy of
+    /// the whole future (several KiB: every `await` of the request below),
+    /// per request. Here they are made once per connection.
+    async fn process_new(
         self: &Arc<Self>,
-        mut session: ServerSession,
+        mut stream: Stream,
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
+    ) -> Option<Stream> {
+        let mut persistent = None;
+        loop {
+            let mut session = ServerSession::new_http1(stream);
+            match persistent {
+                Some(settings) => HttpPersistentSettings::apply_to_session(settings, &mut session),
+                // A new connection: Pingora's default keep-alive.
+                None if *shutdown.borrow() => session.set_keepalive(None),
+                None => session.set_keepalive(Some(60)),
+            }
+            match self.handle(&mut session, shutdown).await {
+                Served::Finish => {}
+                Served::ShutDown => {
+                    session.shutdown().await;
+                    return None;
+                }
+                Served::Close => return None,
+            }
+            let settings = HttpPersistentSettings::for_session(&session);
+            match session.finish().await {
+                Ok(Some(reusable)) => {
+                    (stream, persistent) =
+                        ReusedHttpStream::from_reusable_stream(reusable, settings).consume();
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client connection not reusable");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+impl Gateway {
+    /// One request on `session`: its header read, then served.
+    async fn handle(&self, session: &mut ServerSession, shutdown: &ShutdownWatch) -> Served {
         let header_timeout = self.current.peek().config.downstream.header_timeout;
         let read = tokio::select! {
             biased; // a request already received is served
             read = tokio::time::timeout(header_timeout, session.read_request()) => read,
-            () = shutting_down(shutdown) => return None,
+            () = shutting_down(shutdown) => return Served::Close,
         };
         match read {
             Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return None, // closed before a request
+            Ok(Ok(false)) => return Served::Close, // closed before a request
             Ok(Err(e)) => {
                 if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
                     let error = GatewayError::BadRequest {
                         reason: "malformed request header",
                     };
                     let id = forwarding::RequestId::new();
-                    if let Err(err) = errors::respond_unparsed(&mut session, &error, &id).await {
+                    if let Err(err) = errors::respond_unparsed(session, &error, &id).await {
                         tracing::debug!(error = %err, "could not answer a malformed request");
                     }
                 }
                 tracing::debug!(error = %e, "no request read");
-                session.shutdown().await;
-                return None;
+                return Served::ShutDown;
             }
             Err(_elapsed) => {
                 // Slowloris, or an idle keep-alive connection: either way
                 // no request to answer.
                 tracing::info!(timeout = ?header_timeout, timeout_kind = "header", "no complete request header in time: connection closed");
-                session.shutdown().await;
-                return None;
+                return Served::ShutDown;
             }
         }
         if *shutdown.borrow() {
@@ -908,20 +978,11 @@ impl HttpServerApp for Gateway {
         // One version of the configuration per request, from its header on
         // (on a kept-alive connection, the wait for it may be long).
         let mut ctx = RequestCtx::new(self.current.load());
-        let error = self.serve(&mut session, &mut ctx).await;
-        self.logging(&session, error.as_deref(), &ctx);
-        drop(ctx);
-        if error.is_some() {
-            session.shutdown().await;
-            return None;
-        }
-        let persistent = HttpPersistentSettings::for_session(&session);
-        match session.finish().await {
-            Ok(reusable) => reusable.map(|s| ReusedHttpStream::from_reusable_stream(s, persistent)),
-            Err(e) => {
-                tracing::debug!(error = %e, "client connection not reusable");
-                None
-            }
+        let error = self.serve(session, &mut ctx).await;
+        self.logging(session, error.as_deref(), &ctx);
+        match error {
+            None => Served::Finish,
+            Some(_) => Served::ShutDown,
         }
     }
 }
