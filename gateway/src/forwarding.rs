@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::{Error, ErrorType};
 
 pub const REQUEST_ID: &str = "x-request-id";
 const FORWARDED_FOR: &str = "x-forwarded-for";
@@ -119,21 +120,33 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Sets `X-Forwarded-For` (appending the client), `-Proto`, `-Host` and
-/// `X-Request-Id` on the request going upstream.
+/// A client's address as `X-Forwarded-For` gives it: made once per
+/// connection, shared by its requests.
+pub fn client_ip_value(ip: IpAddr) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string())).ok()
+}
+
+/// Sets `X-Forwarded-For` (appending the client, as
+/// [`client_ip_value`] gives it), `-Proto`, `-Host` and `X-Request-Id` on
+/// the request going upstream.
 pub fn set_forwarding_headers(
     request: &mut RequestHeader,
-    client_ip: Option<IpAddr>,
+    client_ip: Option<&HeaderValue>,
     request_id: &RequestId,
 ) -> pingora::Result<()> {
     if let Some(ip) = client_ip {
-        let forwarded_for = match request
+        let previous = request
             .headers
             .get(FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(previous) if !previous.trim().is_empty() => format!("{previous}, {ip}"),
-            _ => ip.to_string(),
+            .filter(|v| v.to_str().is_ok_and(|v| !v.trim().is_empty()));
+        let forwarded_for = match previous {
+            Some(previous) => {
+                let joined = [previous.as_bytes(), b", ", ip.as_bytes()].concat();
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).map_err(|e| {
+                    Error::because(ErrorType::InvalidHTTPHeader, "X-Forwarded-For", e)
+                })?
+            }
+            _ => ip.clone(),
         };
         request.insert_header(FORWARDED_FOR, forwarded_for)?;
     }
@@ -250,7 +263,8 @@ mod tests {
         let mut with_id = RequestHeader::build("GET", b"/", None).unwrap();
         with_id.insert_header(REQUEST_ID, "rid").unwrap();
         let id = request_id(&with_id);
-        set_forwarding_headers(&mut request, Some("192.0.2.7".parse().unwrap()), &id).unwrap();
+        let client = client_ip_value("192.0.2.7".parse().unwrap());
+        set_forwarding_headers(&mut request, client.as_ref(), &id).unwrap();
         assert_eq!(request.headers[FORWARDED_FOR], "10.0.0.1, 192.0.2.7");
         assert_eq!(request.headers[FORWARDED_PROTO], "http");
         assert_eq!(request.headers[FORWARDED_HOST], "shop.example");

@@ -44,6 +44,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use http::HeaderValue;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream, ServerApp};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -84,6 +85,8 @@ pub struct RequestCtx {
     started: Instant,
     _in_flight: InFlight,
     request_id: forwarding::RequestId,
+    /// The client's address for `X-Forwarded-For` (the connection's).
+    client_ip: Option<HeaderValue>,
     /// The configuration version this request runs on, start to end.
     snapshot: Arc<Snapshot>,
     /// The matched route: its index in the snapshot's route table.
@@ -109,11 +112,12 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    fn new(snapshot: Arc<Snapshot>) -> Self {
+    fn new(snapshot: Arc<Snapshot>, client_ip: Option<HeaderValue>) -> Self {
         RequestCtx {
             started: Instant::now(),
             _in_flight: InFlight::start(),
             request_id: forwarding::RequestId::default(),
+            client_ip,
             snapshot,
             route: None,
             tried: SmallVec::new(),
@@ -561,11 +565,7 @@ impl Gateway {
                 })?;
             request.set_uri(uri);
         }
-        let client_ip = session
-            .client_addr()
-            .and_then(|addr| addr.as_inet())
-            .map(|addr| addr.ip());
-        forwarding::set_forwarding_headers(&mut request, client_ip, &ctx.request_id)?;
+        forwarding::set_forwarding_headers(&mut request, ctx.client_ip.as_ref(), &ctx.request_id)?;
         for plugin in &route.plugins {
             plugin.upstream_request_filter(&mut request)?;
         }
@@ -908,15 +908,27 @@ impl ServerApp for Gateway {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let mut persistent = None;
+        // The client's address as forwarded upstream, made at the first
+        // request.
+        let mut connection_ip = None;
         loop {
             let mut session = ServerSession::new_http1(stream);
+            let client_ip = connection_ip.get_or_insert_with(|| {
+                session
+                    .client_addr()
+                    .and_then(|addr| addr.as_inet())
+                    .and_then(|addr| forwarding::client_ip_value(addr.ip()))
+            });
             match persistent {
                 Some(settings) => HttpPersistentSettings::apply_to_session(settings, &mut session),
                 // A new connection: Pingora's default keep-alive.
                 None if *shutdown.borrow() => session.set_keepalive(None),
                 None => session.set_keepalive(Some(60)),
             }
-            match self.handle(&mut session, shutdown).await {
+            match self
+                .handle(&mut session, shutdown, client_ip.as_ref())
+                .await
+            {
                 Served::Finish => {}
                 Served::ShutDown => {
                     session.shutdown().await;
@@ -942,7 +954,12 @@ impl ServerApp for Gateway {
 
 impl Gateway {
     /// One request on `session`: its header read, then served.
-    async fn handle(&self, session: &mut ServerSession, shutdown: &ShutdownWatch) -> Served {
+    async fn handle(
+        &self,
+        session: &mut ServerSession,
+        shutdown: &ShutdownWatch,
+        client_ip: Option<&HeaderValue>,
+    ) -> Served {
         let header_timeout = self.current.peek().config.downstream.header_timeout;
         let read = tokio::select! {
             biased; // a request already received is served
@@ -977,7 +994,7 @@ impl Gateway {
         }
         // One version of the configuration per request, from its header on
         // (on a kept-alive connection, the wait for it may be long).
-        let mut ctx = RequestCtx::new(self.current.load());
+        let mut ctx = RequestCtx::new(self.current.load(), client_ip.cloned());
         let error = self.serve(session, &mut ctx).await;
         self.logging(session, error.as_deref(), &ctx);
         match error {
