@@ -87,9 +87,11 @@ pub fn request_id(request: &RequestHeader) -> RequestId {
     RequestId(Some(kept.unwrap_or_else(new_header_value)))
 }
 
-/// A new id as a header value (hex digits only: always a valid one).
+/// A new id as a header value (hex digits only: always a valid one). Its
+/// bytes are one shared allocation, so the copies on the upstream request
+/// and on the response cost a reference count each.
 fn new_header_value() -> HeaderValue {
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(new_request_id()))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(new_request_id()))
         .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
@@ -104,12 +106,23 @@ fn is_sane_request_id(id: &str) -> bool {
 /// A new id: 32 hex digits, a random per-process half and a scrambled
 /// counter half. Unique within the process (the scramble is a bijection),
 /// unguessable across processes, and cheaper than a random UUID.
-pub fn new_request_id() -> String {
+fn new_request_id() -> [u8; 32] {
     static PROCESS: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let process = *PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{process:016x}{:016x}", splitmix64(count ^ process))
+    let mut id = [0; 32];
+    lower_hex(process, &mut id[..16]);
+    lower_hex(splitmix64(count ^ process), &mut id[16..]);
+    id
+}
+
+/// `value` as 16 lowercase hex digits into `out` (16 bytes).
+fn lower_hex(value: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, digit) in out.iter_mut().enumerate() {
+        *digit = DIGITS[((value >> (60 - 4 * i)) & 0xf) as usize];
+    }
 }
 
 /// SplitMix64's finaliser: a bijection on u64 that scatters neighbours.
@@ -250,9 +263,23 @@ mod tests {
             .unwrap();
         let generated = request_id(&request);
         assert_eq!(generated.as_str().len(), 32);
-        let ids: std::collections::HashSet<String> =
+        let ids: std::collections::HashSet<[u8; 32]> =
             (0..10_000).map(|_| new_request_id()).collect();
         assert_eq!(ids.len(), 10_000);
+    }
+
+    #[test]
+    fn hex_digits_are_the_ones_fmt_writes() {
+        for value in [0, 1, 0xf, 0x10, 0xdead_beef, u64::MAX, splitmix64(7)] {
+            let mut out = [0; 16];
+            lower_hex(value, &mut out);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), format!("{value:016x}"));
+        }
+        let id = new_request_id();
+        assert!(
+            id.iter()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
     }
 
     #[test]

@@ -260,11 +260,11 @@ impl AccessLine<'_> {
 
     fn format(&self, line: &mut String, now: std::time::SystemTime) -> std::fmt::Result {
         use std::fmt::Write as _;
+        write_timestamp(line, now);
         writeln!(
             line,
-            "{}  INFO access: request method={} path={} route={:?} upstream={} attempts={} \
+            "  INFO access: request method={} path={} route={:?} upstream={} attempts={} \
              status={} micros={} request_id={} error={:?} timeout={:?}",
-            humantime::format_rfc3339_micros(now),
             self.method,
             self.path,
             self.route,
@@ -277,6 +277,40 @@ impl AccessLine<'_> {
             self.timeout,
         )
     }
+}
+
+/// `now` in RFC 3339 with microseconds, as `humantime` (and so `tracing`'s
+/// default format) writes it; the part to the second is formatted once a
+/// second per thread, the rest by hand.
+fn write_timestamp(line: &mut String, now: std::time::SystemTime) {
+    use std::fmt::Write as _;
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let since_epoch = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = since_epoch.as_secs();
+    SECOND.with_borrow_mut(|(cached, prefix)| {
+        if *cached != seconds {
+            prefix.clear();
+            let second = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+            let _ = write!(prefix, "{}", humantime::format_rfc3339_seconds(second));
+            prefix.pop(); // its 'Z': the fraction comes first
+            *cached = seconds;
+        }
+        line.push_str(prefix);
+    });
+    let mut micros = since_epoch.subsec_micros();
+    let mut digits = [b'0'; 6];
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    line.push('.');
+    line.extend(digits.iter().map(|&digit| char::from(digit)));
+    line.push('Z');
 }
 
 /// `Option<SocketAddr>` for the access log, `-` when absent, without
@@ -1019,6 +1053,30 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn the_hand_made_timestamp_is_the_one_humantime_writes() {
+        let start = std::time::SystemTime::now();
+        let mut line = String::new();
+        for step_micros in [
+            0,
+            1,
+            999_999,
+            1_000_000,
+            1_234_567,
+            59_999_999,
+            86_400_000_001,
+        ] {
+            let at = start + std::time::Duration::from_micros(step_micros);
+            line.clear();
+            write_timestamp(&mut line, at);
+            assert_eq!(line, humantime::format_rfc3339_micros(at).to_string());
+        }
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(42);
+        line.clear();
+        write_timestamp(&mut line, at);
+        assert_eq!(line, "1970-01-01T00:00:00.000042Z");
     }
 
     #[test]
