@@ -941,18 +941,15 @@ impl ServerApp for Gateway {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // The client's address as forwarded upstream: the connection's,
+        // made once for all its requests.
+        let client_ip = stream
+            .get_socket_digest()
+            .and_then(|digest| digest.peer_addr()?.as_inet().copied())
+            .and_then(|addr| forwarding::client_ip_value(addr.ip()));
         let mut persistent = None;
-        // The client's address as forwarded upstream, made at the first
-        // request.
-        let mut connection_ip = None;
         loop {
             let mut session = ServerSession::new_http1(stream);
-            let client_ip = connection_ip.get_or_insert_with(|| {
-                session
-                    .client_addr()
-                    .and_then(|addr| addr.as_inet())
-                    .and_then(|addr| forwarding::client_ip_value(addr.ip()))
-            });
             match persistent {
                 Some(settings) => HttpPersistentSettings::apply_to_session(settings, &mut session),
                 // A new connection: Pingora's default keep-alive.
