@@ -18,6 +18,7 @@ use pingora::server::ShutdownWatch;
 
 use crate::proxy::Gateway;
 use crate::snapshot::CurrentSnapshot;
+use crate::worker_stream;
 use crate::workers::{Placement, Workers};
 
 /// The proxy app behind a limit on open client connections; hands each
@@ -77,6 +78,7 @@ impl ServerApp for GuardedProxy {
                 let shutdown = shutdown.clone();
                 runtime.spawn(async move {
                     let _counted = counted;
+                    let stream = worker_stream::rehome(stream);
                     Workers::serve_connection(&gateway, stream, &shutdown).await;
                 });
             }

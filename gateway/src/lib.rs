@@ -36,6 +36,7 @@ pub mod server;
 pub mod shutdown;
 pub mod snapshot;
 pub mod upstream;
+pub mod worker_stream;
 pub mod workers;
 
 /// Sets up `tracing` output (`RUST_LOG`, default `info`), which also

@@ -4,7 +4,8 @@
 //! [`Gateway`] (so its own upstream connection pool), as nginx's worker
 //! processes. The listening service's thread is worker 0: it accepts, and
 //! hands each new client connection to the next worker in turn, where the
-//! connection stays, request after request, to its end. The other workers
+//! connection stays, request after request, to its end, its socket moved
+//! to that worker's epoll ([`crate::worker_stream`]). The other workers
 //! are Pingora background services that only lend their runtime.
 //!
 //! Why not Pingora's own no-steal runtime (one service over several
