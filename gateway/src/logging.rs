@@ -40,13 +40,23 @@ pub fn plain() -> bool {
 
 /// Appends whole lines to the buffer; writes it out if it is full.
 pub fn append(bytes: &[u8]) {
+    append_or_write(bytes, write_out);
+}
+
+/// [`append`], with `write` for a full buffer.
+fn append_or_write(bytes: &[u8], write: impl FnOnce(&[u8])) {
     let full = {
         let mut buffer = BUFFER.lock().unwrap_or_else(PoisonError::into_inner);
         buffer.extend_from_slice(bytes);
-        (buffer.len() >= FLUSH_BYTES).then(|| std::mem::take(&mut *buffer))
+        // Emptied with its capacity kept: the next lines do not grow a new
+        // buffer from nothing, copying it at each step.
+        (buffer.len() >= FLUSH_BYTES).then(|| {
+            let capacity = buffer.capacity();
+            std::mem::replace(&mut *buffer, Vec::with_capacity(capacity))
+        })
     };
     if let Some(full) = full {
-        write_out(&full);
+        write(&full);
     }
 }
 
@@ -101,4 +111,26 @@ pub fn start_flusher() -> std::io::Result<()> {
             }
         })
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_buffer_is_written_at_once_and_keeps_its_capacity() {
+        // Other tests may log meanwhile: start from an empty buffer and
+        // count only what this test appends.
+        let line = [b'x'; 1024];
+        let mut written = 0;
+        let mut appended = 0;
+        while written == 0 {
+            append_or_write(&line, |bytes| written = bytes.len());
+            appended += line.len();
+            assert!(appended <= 2 * FLUSH_BYTES, "never written");
+        }
+        assert!(written >= FLUSH_BYTES);
+        let buffer = BUFFER.lock().unwrap();
+        assert!(buffer.capacity() >= FLUSH_BYTES, "its capacity is lost");
+    }
 }
