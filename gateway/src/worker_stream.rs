@@ -70,8 +70,9 @@ impl WorkerStream {
     /// A stream over a duplicate of `fd`, a connected TCP socket, on the
     /// current runtime.
     fn duplicate(fd: RawFd) -> io::Result<Self> {
+        // Already non-blocking, as tokio requires: the duplicate shares the
+        // accepted socket's file status flags.
         let socket = std::net::TcpStream::from(duplicate_descriptor(fd)?);
-        socket.set_nonblocking(true)?;
         let mut stream = L4Stream::from(tokio::net::TcpStream::from_std(socket)?);
         let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
         stream.set_socket_digest(digest);
