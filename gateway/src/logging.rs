@@ -48,12 +48,7 @@ fn append_or_write(bytes: &[u8], write: impl FnOnce(&[u8])) {
     let full = {
         let mut buffer = BUFFER.lock().unwrap_or_else(PoisonError::into_inner);
         buffer.extend_from_slice(bytes);
-        // Emptied with its capacity kept: the next lines do not grow a new
-        // buffer from nothing, copying it at each step.
-        (buffer.len() >= FLUSH_BYTES).then(|| {
-            let capacity = buffer.capacity();
-            std::mem::replace(&mut *buffer, Vec::with_capacity(capacity))
-        })
+        (buffer.len() >= FLUSH_BYTES).then(|| take_lines(&mut buffer))
     };
     if let Some(full) = full {
         write(&full);
@@ -62,8 +57,22 @@ fn append_or_write(bytes: &[u8], write: impl FnOnce(&[u8])) {
 
 /// Writes out every buffered line.
 pub fn flush() {
-    let pending = std::mem::take(&mut *BUFFER.lock().unwrap_or_else(PoisonError::into_inner));
+    let pending = {
+        let mut buffer = BUFFER.lock().unwrap_or_else(PoisonError::into_inner);
+        if buffer.is_empty() {
+            return;
+        }
+        take_lines(&mut buffer)
+    };
     write_out(&pending);
+}
+
+/// The buffered lines, the buffer left empty with its capacity kept: the
+/// next lines do not grow a new buffer from nothing, copying it at each
+/// step.
+fn take_lines(buffer: &mut Vec<u8>) -> Vec<u8> {
+    let capacity = buffer.capacity();
+    std::mem::replace(buffer, Vec::with_capacity(capacity))
 }
 
 fn write_out(bytes: &[u8]) {
