@@ -36,6 +36,7 @@ pub mod server;
 pub mod shutdown;
 pub mod snapshot;
 pub mod upstream;
+pub mod upstream_pool;
 pub mod worker_stream;
 pub mod workers;
 

@@ -7,9 +7,10 @@
 //! of CPU per request (a `ProxyHttp` doing nothing 28.5–30 µs, pingora-core
 //! alone 21–22), about a quarter of a proxied request, for features this
 //! gateway does not use (see `bench/notes.md`). The protocol work — parsing,
-//! framing, keep-alive, body streaming, the upstream pool — is still
-//! Pingora's: `ServerSession`, `HttpSession` and `Connector` from
-//! pingora-core.
+//! framing, keep-alive, body streaming, connecting upstream — is still
+//! Pingora's: `ServerSession`, `HttpSession` and `TransportConnector` from
+//! pingora-core. Idle upstream connections are kept per worker by
+//! [`crate::upstream_pool`], without Pingora's task per pooled connection.
 //!
 //! A connection's requests are served one after the other by
 //! [`Gateway::handle`], in the connection's own loop (`process_new`).
@@ -46,13 +47,12 @@ use std::time::Instant;
 use async_trait::async_trait;
 use http::HeaderValue;
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream, ServerApp};
-use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::server::ShutdownWatch;
-use pingora::upstreams::peer::Peer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorSource, ErrorType};
 use smallvec::SmallVec;
 
@@ -64,7 +64,8 @@ use crate::logging;
 use crate::routing;
 use crate::shutdown::{self, InFlight};
 use crate::snapshot::{CurrentSnapshot, Route, Snapshot};
-use crate::upstream::{Upstream, UpstreamPeer};
+use crate::upstream::Upstream;
+use crate::upstream_pool::UpstreamPool;
 
 /// A client-chosen key that makes a non-idempotent request safe to retry.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -76,8 +77,8 @@ const MAX_ATTEMPTS: usize = 16;
 /// plane.
 pub struct Gateway {
     pub current: Arc<CurrentSnapshot>,
-    /// Upstream connections, pooled per instance.
-    pub connector: Connector,
+    /// Upstream connections: new, and kept alive per instance.
+    pub upstreams: Arc<UpstreamPool>,
 }
 
 /// Per-request state.
@@ -514,7 +515,7 @@ impl Gateway {
     }
 
     /// The instance for the next attempt and its peer, or why there is none.
-    fn upstream_peer(ctx: &mut RequestCtx) -> pingora::Result<UpstreamPeer> {
+    fn upstream_peer(ctx: &mut RequestCtx) -> pingora::Result<HttpPeer> {
         let Some(upstream) = ctx.upstream().cloned() else {
             return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
         };
@@ -565,7 +566,7 @@ impl Gateway {
 
     /// A connection to the instance could not be had: nothing reached it,
     /// so any method may try another instance.
-    fn fail_to_connect(peer: &UpstreamPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+    fn fail_to_connect(peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
         Self::record_outcome(ctx, false);
         if e.etype() == &ErrorType::ConnectTimedout {
             ctx.timeout = Some("connect");
@@ -579,7 +580,7 @@ impl Gateway {
     /// An attempt failed after its connection was had: whether to try
     /// again, and where.
     fn error_while_proxy(
-        peer: &UpstreamPeer,
+        peer: &HttpPeer,
         session: &ServerSession,
         e: Box<Error>,
         ctx: &mut RequestCtx,
@@ -705,11 +706,11 @@ impl Gateway {
     async fn exchange(
         session: &mut ServerSession,
         upstream: &mut UpstreamSession,
-        peer: &UpstreamPeer,
+        peer: &HttpPeer,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Exchanged> {
-        upstream.read_timeout = peer.0.options.read_timeout;
-        upstream.write_timeout = peer.0.options.write_timeout;
+        upstream.read_timeout = peer.options.read_timeout;
+        upstream.write_timeout = peer.options.write_timeout;
         let request = Self::upstream_request(session, ctx).map_err(|e| e.into_in())?;
         upstream
             .write_request_header(request)
@@ -820,20 +821,6 @@ impl Gateway {
         Ok(())
     }
 
-    /// A pooled connection to `peer`, else a new one. Connecting is boxed:
-    /// its future (TCP connect, and TLS in Pingora's type) is several
-    /// times the size of the rest of a request's, and would otherwise be
-    /// part of, and copied with, every request's future.
-    async fn upstream_session(
-        &self,
-        peer: &UpstreamPeer,
-    ) -> pingora::Result<(UpstreamSession, bool)> {
-        if let Some(pooled) = self.connector.reused_http_session(peer).await {
-            return Ok((pooled, true));
-        }
-        Box::pin(self.connector.get_http_session(peer)).await
-    }
-
     /// Attempts, as many as allowed, until one gets a response through.
     async fn proxy(
         &self,
@@ -858,7 +845,7 @@ impl Gateway {
         }
         loop {
             let peer = Self::upstream_peer(ctx)?;
-            let (mut upstream, reused) = match self.upstream_session(&peer).await {
+            let (mut upstream, reused) = match self.upstreams.session(&peer).await {
                 Ok(connected) => connected,
                 Err(e) => {
                     let e = Self::fail_to_connect(&peer, ctx, e.into_up());
@@ -870,9 +857,7 @@ impl Gateway {
             };
             match Self::exchange(session, &mut upstream, &peer, ctx).await {
                 Ok(Exchanged::Reusable) => {
-                    self.connector
-                        .release_http_session(upstream, &peer, peer.idle_timeout())
-                        .await;
+                    self.upstreams.release(upstream, &peer).await;
                     return Ok(());
                 }
                 Ok(Exchanged::Spent) => return Ok(()),

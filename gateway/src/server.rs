@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use pingora::connectors::ConnectorOptions;
-use pingora::connectors::http::v1::Connector;
 use pingora::prelude::Server;
 use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
@@ -21,6 +20,7 @@ use crate::proxy::Gateway;
 use crate::reload::{self, Reloader};
 use crate::shutdown;
 use crate::snapshot::{CurrentSnapshot, Snapshot};
+use crate::upstream_pool::UpstreamPool;
 use crate::workers::Workers;
 
 /// Seconds the runtimes get to wind down after the grace period (only
@@ -109,7 +109,7 @@ pub fn run(path: &Path, upgrade: bool) -> ExitCode {
         (0..layout.workers)
             .map(|_| Gateway {
                 current: Arc::clone(&current),
-                connector: Connector::new(Some(options.clone())),
+                upstreams: Arc::new(UpstreamPool::new(options.clone())),
             })
             .collect(),
     );

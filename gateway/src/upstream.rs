@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use pingora::lb::LoadBalancer;
 use pingora::lb::selection::{Random, RoundRobin};
-use pingora::upstreams::peer::{HttpPeer, Peer, PeerOptions, Proxy};
+use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{AllUnhealthy, LoadBalancing, OutlierSettings, ServiceConfig, Timeouts};
 use crate::health::InstanceHealth;
@@ -196,7 +196,7 @@ impl Upstream {
     /// The Pingora peer for `instance`, with this service's timeouts (all
     /// set: Pingora's defaults are "wait forever").
     /// `time_left` of the request's total timeout caps the read timeout.
-    pub fn peer(&self, instance: &InstanceHealth, time_left: std::time::Duration) -> UpstreamPeer {
+    pub fn peer(&self, instance: &InstanceHealth, time_left: std::time::Duration) -> HttpPeer {
         let mut peer = HttpPeer::new(instance.socket, false, String::new());
         let options = &mut peer.options;
         options.connection_timeout = Some(self.timeouts.connect.min(time_left));
@@ -204,64 +204,7 @@ impl Upstream {
         options.read_timeout = Some(self.timeouts.read.min(time_left));
         options.write_timeout = Some(self.timeouts.write);
         options.idle_timeout = Some(self.timeouts.idle);
-        UpstreamPeer(peer)
-    }
-}
-
-/// An instance as Pingora's connector sees it: an `HttpPeer` whose pooled
-/// connections are taken to still be connected to it.
-///
-/// Pingora's default check asks the kernel for a pooled connection's remote
-/// address (`getpeername`) each time it hands one out, in case its
-/// descriptor was closed and reused for another connection. A connection in
-/// the pool is owned by the pool until taken, so its descriptor cannot be
-/// reused meanwhile (connections the instance closed are found and dropped
-/// by the pool's idle watch). The check cost a system call per proxied
-/// request, about 2.5 % of the gateway's CPU on the bench.
-#[derive(Clone)]
-pub struct UpstreamPeer(pub HttpPeer);
-
-impl std::fmt::Display for UpstreamPeer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl Peer for UpstreamPeer {
-    fn address(&self) -> &pingora::protocols::l4::socket::SocketAddr {
-        self.0.address()
-    }
-
-    fn tls(&self) -> bool {
-        self.0.tls()
-    }
-
-    fn sni(&self) -> &str {
-        self.0.sni()
-    }
-
-    fn reuse_hash(&self) -> u64 {
-        self.0.reuse_hash()
-    }
-
-    fn get_peer_options(&self) -> Option<&PeerOptions> {
-        self.0.get_peer_options()
-    }
-
-    fn get_mut_peer_options(&mut self) -> Option<&mut PeerOptions> {
-        self.0.get_mut_peer_options()
-    }
-
-    fn get_proxy(&self) -> Option<&Proxy> {
-        self.0.get_proxy()
-    }
-
-    fn get_tracer(&self) -> Option<pingora::upstreams::peer::Tracer> {
-        self.0.get_tracer()
-    }
-
-    fn matches_fd<V: std::os::fd::AsRawFd>(&self, _fd: V) -> bool {
-        true
+        peer
     }
 }
 

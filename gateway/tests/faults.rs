@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Backend, BlackHole, Dropper, GatewayProcess, Upgrader, instance_healthy};
+use support::{
+    Backend, BlackHole, Dropper, GatewayProcess, IdleCloser, Upgrader, instance_healthy,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HEALTH: &str = "health_check: { interval: 200ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }\n";
@@ -452,6 +454,37 @@ async fn header_body_and_connection_limits() {
     drop(open);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(reqwest::get(gateway.url("/x")).await.unwrap().status(), 200);
+}
+
+/// An instance that closes idle keep-alive connections long before the
+/// gateway's idle timeout: the next request goes out on a new connection,
+/// not on the closed one. A POST shows it: once sent, it is never retried,
+/// so a closed connection handed out would have been a 502.
+#[tokio::test]
+async fn a_connection_the_instance_closed_while_idle_is_not_reused() {
+    let closer = IdleCloser::start(Duration::from_millis(100));
+    let gateway = GatewayProcess::start(&format!(
+        "health_check: {{ interval: 60s }}\nservices:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        closer.addr
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    for round in 0..3 {
+        let status = http.post(gateway.url("/x")).send().await.unwrap().status();
+        assert_eq!(status, 200, "round {round}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Back to back, a kept-alive connection is reused.
+    let before = closer.connections.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        let status = http.post(gateway.url("/x")).send().await.unwrap().status();
+        assert_eq!(status, 200);
+    }
+    assert_eq!(closer.connections.load(Ordering::SeqCst), before + 1);
+    // The access log is written every 100 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = gateway.log();
+    assert_eq!(log.matches("attempts=1 status=200").count(), 6, "{log}");
 }
 
 /// An instance that takes requests and drops them unanswered: a request

@@ -371,6 +371,38 @@ impl Dropper {
     }
 }
 
+/// Answers every request with 200 on a keep-alive connection, and closes
+/// a connection left idle for `idle`, without a word: the instance's own
+/// keep-alive timeout, shorter than the gateway's.
+pub struct IdleCloser {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicU64>,
+    _server: RawServer,
+}
+
+impl IdleCloser {
+    pub fn start(idle: Duration) -> IdleCloser {
+        use std::io::Write;
+        let connections = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&connections);
+        let server = raw_server(move |mut socket| {
+            count.fetch_add(1, Ordering::SeqCst);
+            socket.set_read_timeout(Some(idle)).unwrap();
+            let mut seen = Vec::new();
+            while read_head(&mut socket, &mut seen).is_some() {
+                if socket.write_all(HEALTH_OK).is_err() {
+                    return;
+                }
+            }
+        });
+        IdleCloser {
+            addr: server.addr,
+            connections,
+            _server: server,
+        }
+    }
+}
+
 /// Answers `GET /health` with 200 and any request asking for an upgrade
 /// with `101 Switching Protocols`, then sends back every byte it receives,
 /// uppercased, until the client closes. Keeps the last request head seen.
