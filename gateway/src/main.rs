@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 
 /// jemalloc: the proxy allocates and frees small buffers on every request,
 /// which jemalloc's thread caches serve faster than glibc's malloc
-/// (measured in BENCHMARKS.md).
+/// (measured in BENCHMARKS.md). Built with background threads (the
+/// `background_threads` feature): unused dirty pages are returned to the
+/// kernel by jemalloc's own thread, not inside a worker's `malloc` or
+/// `free` (paired rounds: CPU per request ×0.95, see `bench/notes.md`).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
