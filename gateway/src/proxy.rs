@@ -158,7 +158,7 @@ enum Served {
 
 /// What the upstream connection is fit for after an exchange.
 enum Exchanged {
-    /// Back to the pool.
+    /// Back to the pool, which keeps it if both sides allow keep-alive.
     Reusable,
     /// Closed (not kept alive, or upgraded and finished).
     Spent,
@@ -779,7 +779,6 @@ impl Gateway {
                 .map_err(|e| e.into_down())?;
         }
         session.finish_body().await.map_err(|e| e.into_down())?;
-        upstream.respect_keepalive();
         Ok(Exchanged::Reusable)
     }
 
