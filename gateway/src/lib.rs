@@ -18,8 +18,12 @@
 //! - [`server`]: start-up and the Pingora server.
 //! - [`workers`]: share-nothing worker threads, each with its own pool.
 //! - [`logging`]: buffered log output (the access log costs no system call).
+//! - [`body_buffers`]: the global allocator, jemalloc with a per-worker
+//!   cache of Pingora's 64 KiB body buffers.
 
 pub mod admin;
+#[cfg(not(target_env = "msvc"))]
+pub mod body_buffers;
 pub mod config;
 pub mod discovery;
 pub mod downstream;

@@ -12,9 +12,11 @@ use clap::{Parser, Subcommand};
 /// `background_threads` feature): unused dirty pages are returned to the
 /// kernel by jemalloc's own thread, not inside a worker's `malloc` or
 /// `free` (paired rounds: CPU per request ×0.95, see `bench/notes.md`).
+/// In front of it, each worker keeps a few of Pingora's 64 KiB body
+/// buffers, which jemalloc's thread cache cannot ([`gateway::body_buffers`]).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: gateway::body_buffers::Allocator = gateway::body_buffers::Allocator;
 
 /// A programmable API gateway on Pingora.
 #[derive(Debug, Parser)]

@@ -97,6 +97,9 @@ impl<A: ServerApp> Workers<A> {
     /// Runs `app` on `stream` and on the same connection's next requests
     /// (what Pingora's accept loop does for a connection it keeps).
     pub async fn serve_connection(app: &Arc<A>, mut stream: Stream, shutdown: &ShutdownWatch) {
+        // This thread serves requests: let it keep body buffers.
+        #[cfg(not(target_env = "msvc"))]
+        crate::body_buffers::enable_on_this_thread();
         while let Some(reused) = app.process_new(stream, shutdown).await {
             stream = reused;
         }
