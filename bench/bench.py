@@ -11,6 +11,7 @@ requests/s, p50 and p99 latency, errors, and CPU microseconds per request of
 the proxy process(es), read from /proc/PID/stat before and after each run.
 """
 
+import contextlib
 import argparse
 import datetime
 import json
@@ -218,6 +219,10 @@ def start_baseline(procs, name, backend, threads):
 def start_nginx(procs, backend, workers):
     port = free_port()
     conf = os.path.join(WORK, "nginx.conf")
+    # nginx appends to its access log: start each run's afresh, as the
+    # other targets' logs are, so runs do not fill the disk.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(WORK, "nginx-access.log"))
     with open(conf, "w") as f:
         f.write(f"""daemon off;
 master_process on;
