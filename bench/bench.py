@@ -11,8 +11,8 @@ requests/s, p50 and p99 latency, errors, and CPU microseconds per request of
 the proxy process(es), read from /proc/PID/stat before and after each run.
 """
 
-import contextlib
 import argparse
+import contextlib
 import datetime
 import json
 import os
