@@ -114,8 +114,9 @@ pub fn enable_on_this_thread() {
     });
 }
 
-/// How many blocks the calling thread holds (for tests).
-pub fn cached_here() -> usize {
+/// How many blocks the calling thread holds.
+#[cfg(test)]
+fn cached_here() -> usize {
     CACHE.try_with(|cache| cache.len.get()).unwrap_or(0)
 }
 
