@@ -172,11 +172,19 @@ def start_backend(procs, name, threads):
     return port
 
 
+def cpu_list():
+    """The CPUs this process may run on, in order: what nginx's `auto` and the gateway pin workers to."""
+    return sorted(os.sched_getaffinity(0))
+
+
 def gateway_config(port, backend, threads, admin=None, header_value="bench", extra=None):
     admin_line = f'admin_listen: "127.0.0.1:{admin}"\n' if admin else ""
+    extra = GATEWAY_EXTRA if extra is None else extra
+    if AFFINITY and "work_stealing: true" not in extra:
+        extra += "\nworker_cpu_affinity: true"
     return f"""listen: "127.0.0.1:{port}"
 {admin_line}threads: {threads}
-{GATEWAY_EXTRA if extra is None else extra}
+{extra}
 health_check: {{ path: /health, interval: 1s, timeout: 500ms }}
 services:
   hello:
@@ -227,6 +235,7 @@ def start_nginx(procs, backend, workers):
         f.write(f"""daemon off;
 master_process on;
 worker_processes {workers};
+{"worker_cpu_affinity auto;" if AFFINITY else ""}
 pid {WORK}/nginx.pid;
 error_log {WORK}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
@@ -258,10 +267,12 @@ http {{
 def start_haproxy(procs, backend, threads):
     port = free_port()
     conf = os.path.join(WORK, "haproxy.cfg")
+    cpus = cpu_list()
+    cpu_map = "".join(f"  cpu-map 1/{t + 1} {cpus[t % len(cpus)]}\n" for t in range(threads)) if AFFINITY else ""
     with open(conf, "w") as f:
         f.write(f"""global
   nbthread {threads}
-  maxconn 4000
+{cpu_map}  maxconn 4000
 defaults
   mode http
   timeout connect 1s
@@ -540,6 +551,14 @@ def markdown(results, args):
         f"({args.backend_threads} thread); the gateway with every feature on (health checks, per-request access log, "
         "a headers plugin); nginx with its access log; HAProxy `http-reuse always`; Caddy `reverse_proxy` "
         "with `GOMAXPROCS` = the worker count.",
+        *([
+            "- Workers pinned to CPUs, one each, where the proxy can do it: nginx `worker_cpu_affinity auto`, "
+            "HAProxy `cpu-map 1/<thread> <cpu>`, the gateway `worker_cpu_affinity: true`. Caddy (Go) and "
+            "stock Pingora (`pingora-bare`, `pingora-proxyhttp`) have no such setting and run unpinned. "
+            "`--no-affinity` runs every proxy unpinned."
+        ] if getattr(args, "affinity", False) else [
+            "- Workers not pinned to CPUs (`--no-affinity`, or a run from before the option existed)."
+        ]),
         f"- Load: `oha -z {args.seconds}s -c {args.connections}` and `-c 1`, {args.rounds} rounds, median shown.",
         "",
         f"## Proxies, {args.connections} keep-alive clients",
@@ -701,6 +720,8 @@ def main():
     parser.add_argument("--only", choices=["proxies", "streaming", "reload", "stack"], action="append",
                         help="run only these parts (repeatable); BENCHMARKS.md is then not written")
     parser.add_argument("--gateway-log", default="info", help="RUST_LOG of the gateway (info: access log on)")
+    parser.add_argument("--no-affinity", dest="affinity", action="store_false",
+                        help="leave every proxy's workers unpinned (default: pinned to one CPU each where the proxy can)")
     parser.add_argument("--gateway-extra", default="", help="extra top-level gateway.yaml lines, e.g. 'work_stealing: false'")
     parser.add_argument("--render", metavar="RESULTS_JSON",
                         help="only rewrite BENCHMARKS.md from a saved full run (e.g. after editing bench/notes.md)")
@@ -710,8 +731,9 @@ def main():
     if args.smoke:
         args.rounds, args.seconds, args.stream_bytes, args.reload_rewrites = 1, 1, 16 << 20, 2
 
-    global OHA_JSON, GATEWAY_LOG, GATEWAY_EXTRA
+    global OHA_JSON, GATEWAY_LOG, GATEWAY_EXTRA, AFFINITY
     OHA_JSON = oha_json_flag()
+    AFFINITY = args.affinity
     GATEWAY_LOG = args.gateway_log
     GATEWAY_EXTRA = args.gateway_extra.replace("\\n", "\n")
     os.makedirs(WORK, exist_ok=True)
@@ -757,6 +779,7 @@ def main():
 OHA_JSON = []
 GATEWAY_LOG = "info"
 GATEWAY_EXTRA = ""
+AFFINITY = True
 
 if __name__ == "__main__":
     sys.exit(main())

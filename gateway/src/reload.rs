@@ -226,6 +226,12 @@ impl Reloader {
             &mut config.work_stealing,
             &mut notes,
         );
+        keep(
+            "worker_cpu_affinity",
+            running.worker_cpu_affinity,
+            &mut config.worker_cpu_affinity,
+            &mut notes,
+        );
         keep("threads", running.threads, &mut config.threads, &mut notes);
         notes
     }

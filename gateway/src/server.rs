@@ -21,7 +21,7 @@ use crate::reload::{self, Reloader};
 use crate::shutdown;
 use crate::snapshot::{CurrentSnapshot, Snapshot};
 use crate::upstream_pool::UpstreamPool;
-use crate::workers::Workers;
+use crate::workers::{CpuPlan, Workers};
 
 /// Seconds the runtimes get to wind down after the grace period (only
 /// reached if the drain watch in `shutdown` did not exit first).
@@ -105,6 +105,17 @@ pub fn run(path: &Path, upgrade: bool) -> ExitCode {
     server.bootstrap();
     let options = ConnectorOptions::from_server_conf(&server.configuration);
     let layout = Layout::of(&config);
+    let cpus = if config.worker_cpu_affinity {
+        match CpuPlan::this_process() {
+            Ok(plan) => plan,
+            Err(err) => {
+                tracing::error!(error = %err, "worker_cpu_affinity: cannot read the CPUs this process may use");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        CpuPlan::none()
+    };
     let workers = Workers::new(
         (0..layout.workers)
             .map(|_| Gateway {
@@ -112,6 +123,7 @@ pub fn run(path: &Path, upgrade: bool) -> ExitCode {
                 upstreams: Arc::new(UpstreamPool::new(options.clone())),
             })
             .collect(),
+        cpus,
     );
     for index in 1..workers.count() {
         server.add_service(background_service(

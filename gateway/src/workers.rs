@@ -8,6 +8,14 @@
 //! to that worker's epoll ([`crate::worker_stream`]). The other workers
 //! are Pingora background services that only lend their runtime.
 //!
+//! With `worker_cpu_affinity: true`, worker `i` is pinned to the `i`-th CPU
+//! the process may run on ([`CpuPlan`]), as nginx's `worker_cpu_affinity
+//! auto`: worker 0 when it accepts its first connection, the others when
+//! their runtime starts. Two unpinned workers of one process are now and
+//! then put on the same core by the scheduler while the other core runs
+//! something else, and their connections wait: on the bench's shared
+//! two-core machine, pinning shortened the gateway's p99 (`bench/notes.md`).
+//!
 //! Why not Pingora's own no-steal runtime (one service over several
 //! single-thread runtimes): it places connections on random threads, which
 //! is fine, but its connection pool is shared and pingora-core spawns the
@@ -19,7 +27,7 @@
 //! (`bench/notes.md`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Once, OnceLock};
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -41,6 +49,81 @@ struct Worker<A> {
 pub struct Workers<A = Gateway> {
     workers: Box<[Worker<A>]>,
     next: AtomicUsize,
+    /// Where each worker runs, if pinned.
+    cpus: CpuPlan,
+    /// Worker 0 (the accepting thread) is pinned at its first connection.
+    accepting_thread_pinned: Once,
+}
+
+/// The CPU each worker is pinned to (`worker_cpu_affinity`), or none.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CpuPlan {
+    /// The CPUs the process may run on, in order; empty: no pinning.
+    cpus: Vec<usize>,
+}
+
+impl CpuPlan {
+    /// No pinning: the scheduler places the workers.
+    pub fn none() -> Self {
+        CpuPlan::default()
+    }
+
+    /// Worker `i` on the `i`-th CPU this process may run on (its affinity
+    /// mask as started, so a `taskset` or a cpuset is respected), modulo
+    /// their count.
+    #[cfg(target_os = "linux")]
+    pub fn this_process() -> std::io::Result<Self> {
+        use nix::sched::{CpuSet, sched_getaffinity};
+        let allowed = sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+        let cpus = (0..CpuSet::count())
+            .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+            .collect();
+        Ok(CpuPlan { cpus })
+    }
+
+    /// Pinning is done with Linux's `sched_setaffinity`.
+    #[cfg(not(target_os = "linux"))]
+    pub fn this_process() -> std::io::Result<Self> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "pinning workers to CPUs is only implemented on Linux",
+        ))
+    }
+
+    /// The CPU of worker `index`, if pinned.
+    pub fn cpu_for(&self, index: usize) -> Option<usize> {
+        match self.cpus.len() {
+            0 => None,
+            n => Some(self.cpus[index % n]),
+        }
+    }
+
+    /// Pins the calling thread to worker `index`'s CPU, if it has one. A
+    /// failure is logged: the worker still serves, unpinned.
+    pub fn pin_this_thread(&self, index: usize) {
+        let Some(cpu) = self.cpu_for(index) else {
+            return;
+        };
+        match pin_this_thread_to(cpu) {
+            Ok(()) => tracing::info!(worker = index, cpu, "worker pinned to its CPU"),
+            Err(err) => {
+                tracing::warn!(worker = index, cpu, error = %err, "cannot pin worker to its CPU");
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn pin_this_thread_to(cpu: usize) -> std::io::Result<()> {
+    let mut only = nix::sched::CpuSet::new();
+    only.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &only)?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_this_thread_to(_cpu: usize) -> std::io::Result<()> {
+    CpuPlan::this_process().map(drop)
 }
 
 /// Where a new connection is served.
@@ -53,7 +136,7 @@ pub enum Placement<'a, A> {
 
 impl<A> Workers<A> {
     /// `apps.len()` workers; the first is the accepting thread's.
-    pub fn new(apps: Vec<A>) -> Arc<Self> {
+    pub fn new(apps: Vec<A>, cpus: CpuPlan) -> Arc<Self> {
         Arc::new(Workers {
             workers: apps
                 .into_iter()
@@ -63,6 +146,8 @@ impl<A> Workers<A> {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
+            cpus,
+            accepting_thread_pinned: Once::new(),
         })
     }
 
@@ -71,8 +156,11 @@ impl<A> Workers<A> {
     }
 
     /// The worker for the next connection, round robin. A worker whose
-    /// runtime has not started yet is skipped (served here).
+    /// runtime has not started yet is skipped (served here). Called on the
+    /// accepting thread only.
     pub fn place(&self) -> Placement<'_, A> {
+        self.accepting_thread_pinned
+            .call_once(|| self.cpus.pin_this_thread(0));
         let index = match self.workers.len() {
             1 => 0,
             n => self.next.fetch_add(1, Ordering::Relaxed) % n,
@@ -116,6 +204,8 @@ pub struct RuntimeLender<A> {
 #[async_trait]
 impl<A: Send + Sync + 'static> BackgroundService for RuntimeLender<A> {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // This runs on the one thread of the runtime being lent.
+        self.workers.cpus.pin_this_thread(self.index);
         let _ = self.workers.workers[self.index]
             .runtime
             .set(Handle::current());
@@ -142,7 +232,7 @@ mod tests {
 
     #[test]
     fn connections_go_round_robin_to_started_workers_only() {
-        let workers = Workers::new(vec![0, 1, 2]);
+        let workers = Workers::new(vec![0, 1, 2], CpuPlan::none());
         // Nothing started: everything is served where it was accepted.
         for _ in 0..3 {
             assert_eq!(placed(&workers), (true, 0));
@@ -168,9 +258,49 @@ mod tests {
         );
     }
 
+    /// The CPUs `thread` (a task id; 0 for the calling thread) may run on.
+    #[cfg(target_os = "linux")]
+    fn allowed_cpus(thread: i32) -> Vec<usize> {
+        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(thread)).unwrap();
+        (0..nix::sched::CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap())
+            .collect()
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_plan_pins_worker_i_to_the_ith_allowed_cpu() {
+        let plan = CpuPlan::this_process().unwrap();
+        let allowed = allowed_cpus(0);
+        assert!(!allowed.is_empty());
+        let n = allowed.len();
+        for index in 0..2 * n {
+            assert_eq!(plan.cpu_for(index), Some(allowed[index % n]));
+        }
+        assert_eq!(CpuPlan::none().cpu_for(0), None);
+
+        // On a fresh thread (this one's affinity stays as it was).
+        let last = n - 1;
+        let pinned = std::thread::spawn(move || {
+            plan.pin_this_thread(last);
+            allowed_cpus(0)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(pinned, [allowed[last]]);
+        assert_eq!(allowed_cpus(0), allowed);
+        let unpinned = std::thread::spawn(|| {
+            CpuPlan::none().pin_this_thread(0);
+            allowed_cpus(0)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(unpinned, allowed);
+    }
+
     #[test]
     fn a_lender_lends_its_runtime_until_shutdown() {
-        let workers = Workers::new(vec![0, 1]);
+        let workers = Workers::new(vec![0, 1], CpuPlan::none());
         let lender = workers.runtime_lender(1);
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let thread = std::thread::spawn(move || {

@@ -445,3 +445,76 @@ async fn a_connect_failure_is_retried_on_another_instance() {
         assert_eq!((status, seen["backend"].as_str()), (200, Some("b")));
     }
 }
+
+/// `0-2,5` → [0, 1, 2, 5] (a `Cpus_allowed_list` line of `/proc`).
+#[cfg(target_os = "linux")]
+fn cpu_list(text: &str) -> Vec<usize> {
+    text.trim()
+        .split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![part.parse().unwrap()],
+        })
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+fn allowed_cpus(status: &str) -> Vec<usize> {
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    cpu_list(line)
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn worker_cpu_affinity_pins_each_worker_to_its_own_cpu() {
+    let backend = Backend::start("b");
+    let gateway = GatewayProcess::start(&format!(
+        "worker_cpu_affinity: true\nservices:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        backend.addr
+    ))
+    .await;
+    // New connections, handed to both workers in turn.
+    for _ in 0..4 {
+        assert_eq!(get_json(&gateway.url("/x")).await.0, 200);
+    }
+
+    let ours = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let tasks = format!("/proc/{}/task", gateway.pid());
+    let mut workers = Vec::new();
+    for task in std::fs::read_dir(&tasks).unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let cpus = allowed_cpus(&status);
+        match name.trim_end() {
+            // Worker 0 accepts; worker 1 lends a background service's
+            // runtime ("BG gateway worker 1", cut to 15 bytes).
+            "gateway proxy" => workers.push((0, cpus)),
+            "BG gateway work" => workers.push((1, cpus)),
+            // Every other thread keeps the process's CPUs.
+            _ => assert_eq!(cpus, ours, "{name}"),
+        }
+    }
+    workers.sort();
+    let expected: Vec<(usize, Vec<usize>)> =
+        (0..2).map(|i| (i, vec![ours[i % ours.len()]])).collect();
+    assert_eq!(workers, expected, "{}", gateway.log());
+
+    // Not pinned unless asked.
+    let unpinned = GatewayProcess::start(&format!(
+        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+        backend.addr
+    ))
+    .await;
+    for _ in 0..4 {
+        assert_eq!(get_json(&unpinned.url("/x")).await.0, 200);
+    }
+    let tasks = format!("/proc/{}/task", unpinned.pid());
+    for task in std::fs::read_dir(&tasks).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert_eq!(allowed_cpus(&status), ours);
+    }
+}

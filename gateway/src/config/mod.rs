@@ -83,6 +83,9 @@ pub struct Config {
     /// `threads` share-nothing workers of one thread each; see
     /// `server::Workers`.
     pub work_stealing: bool,
+    /// Share-nothing worker `i` runs on the `i`-th CPU the process may use
+    /// (modulo their count); see `workers::CpuPlan`.
+    pub worker_cpu_affinity: bool,
     pub downstream: Downstream,
     /// Whole seconds (Pingora counts in seconds).
     pub shutdown_grace: Duration,

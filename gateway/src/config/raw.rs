@@ -25,6 +25,10 @@ pub struct RawConfig {
     /// `work_stealing`); default false: share-nothing workers.
     #[serde(default)]
     pub work_stealing: Option<bool>,
+    /// Whether each share-nothing worker is pinned to one CPU (nginx's
+    /// `worker_cpu_affinity auto`); default false.
+    #[serde(default)]
+    pub worker_cpu_affinity: Option<Spanned<bool>>,
     #[serde(default)]
     pub health_check: RawHealthCheck,
     /// Limits and timeouts on the client side.

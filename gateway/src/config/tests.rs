@@ -62,11 +62,28 @@ fn a_good_file_gives_defaults_and_overrides() {
     assert_eq!(orders.timeouts.read, Duration::from_secs(10));
     assert_eq!(orders.instances, ["localhost:8003"]);
 
+    assert!(!config.work_stealing);
+    assert!(!config.worker_cpu_affinity);
+
     assert_eq!(config.routes.len(), 3);
     assert_eq!(config.routes[0].strip_prefix.as_deref(), Some("/api"));
     let PluginConfig::Headers(headers) = &config.routes[1].plugins[0];
     assert_eq!(headers.request.set[0].0, "x-from");
     assert_eq!(headers.request.remove[0], "cookie");
+}
+
+#[test]
+fn workers_are_pinned_only_when_asked_and_only_share_nothing_ones() {
+    let pinned = parse(&format!("worker_cpu_affinity: true\n{GOOD}"), "good.yaml").unwrap();
+    assert!(pinned.worker_cpu_affinity);
+    let stealing = format!("work_stealing: true\nworker_cpu_affinity: true\n{GOOD}");
+    let errors = errors(&stealing);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].line, 2);
+    assert!(
+        errors[0].message.contains("needs share-nothing workers"),
+        "{errors:#?}"
+    );
 }
 
 fn errors(text: &str) -> Vec<ConfigError> {

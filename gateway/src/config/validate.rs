@@ -57,6 +57,18 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         Some(threads) => threads.value,
         None => std::thread::available_parallelism().map_or(1, usize::from),
     };
+    let work_stealing = raw.work_stealing.unwrap_or(false);
+    let worker_cpu_affinity = match &raw.worker_cpu_affinity {
+        Some(pin) if pin.value && work_stealing => {
+            problems.at(
+                pin,
+                "worker_cpu_affinity needs share-nothing workers (work_stealing: false)",
+            );
+            false
+        }
+        Some(pin) => pin.value,
+        None => false,
+    };
 
     let downstream = downstream(&raw, &mut problems);
     let shutdown_grace = match &raw.shutdown_grace {
@@ -87,7 +99,8 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         listen: listen.unwrap_or_else(unreachable_default),
         admin_listen: admin_listen.flatten(),
         threads,
-        work_stealing: raw.work_stealing.unwrap_or(false),
+        work_stealing,
+        worker_cpu_affinity,
         downstream,
         shutdown_grace,
         services,
