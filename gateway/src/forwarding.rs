@@ -198,6 +198,34 @@ fn is_websocket_upgrade(request: &RequestHeader) -> bool {
             .any(|name| name == "upgrade")
 }
 
+/// The client's request header as the start of the upstream one: its
+/// fields copied without Pingora's record of their original case, so
+/// names go upstream lowercase, or capitalized as usual for the standard
+/// ones (as HAProxy and Envoy send them; field names are case-insensitive,
+/// RFC 9110 §5.1). Keeping the case would double the header map work of
+/// every request: a second map to copy and to keep in step on each field
+/// added. A request target the URI does not reproduce byte for byte
+/// (absolute-form, authority-form, not UTF-8) is kept by copying the
+/// whole header instead.
+pub fn header_copy_request(request: &RequestHeader) -> RequestHeader {
+    let target_is_the_uris = request.raw_path_is_utf8()
+        && request.uri.path_and_query().map(|p| p.as_str().as_bytes()) == Some(request.raw_path());
+    if target_is_the_uris {
+        RequestHeader::from(request.as_owned_parts())
+    } else {
+        request.clone()
+    }
+}
+
+/// The upstream's response header as the start of the client's: as
+/// [`header_copy_request`], the fields without their original case; the
+/// status line's reason phrase kept.
+pub fn header_copy_response(response: &ResponseHeader) -> pingora::Result<ResponseHeader> {
+    let mut copy = ResponseHeader::from(response.as_owned_parts());
+    copy.set_reason_phrase(response.get_reason_phrase())?;
+    Ok(copy)
+}
+
 /// Removes the request fields that concern only the client's connection
 /// (RFC 9110 §7.6.1) before the request goes upstream: the names its
 /// `Connection` lists, the standard hop-by-hop fields, `Expect` and the
@@ -252,6 +280,56 @@ pub fn strip_hop_by_hop(response: &mut ResponseHeader) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wire(request: &RequestHeader) -> String {
+        let mut buf = Vec::new();
+        request.header_to_h1_wire(&mut buf);
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn a_request_copy_keeps_everything_but_the_case_of_names() {
+        let mut request = RequestHeader::build("POST", b"/a/b?x=1&y=%20", None).unwrap();
+        request.append_header("X-Custom-Thing", "one").unwrap();
+        request.append_header("X-Custom-Thing", "two").unwrap();
+        request.append_header("content-type", "text/plain").unwrap();
+        let copy = header_copy_request(&request);
+        assert_eq!(copy.method, request.method);
+        assert_eq!(copy.uri, request.uri);
+        assert_eq!(copy.raw_path(), b"/a/b?x=1&y=%20");
+        assert_eq!(copy.version, request.version);
+        assert_eq!(copy.headers, request.headers);
+        assert!(wire(&request).contains("X-Custom-Thing: one\r\nX-Custom-Thing: two\r\n"));
+        let copied = wire(&copy);
+        assert!(
+            copied.contains("x-custom-thing: one\r\nx-custom-thing: two\r\n"),
+            "{copied}"
+        );
+        assert!(copied.contains("Content-Type: text/plain\r\n"), "{copied}");
+
+        // A target the URI does not reproduce is copied whole, case and all.
+        let mut absolute = RequestHeader::build("GET", b"http://example.com/p?q", None).unwrap();
+        absolute.append_header("X-Custom-Thing", "one").unwrap();
+        let copy = header_copy_request(&absolute);
+        assert_eq!(copy.raw_path(), b"http://example.com/p?q");
+        assert!(wire(&copy).contains("X-Custom-Thing: one"));
+    }
+
+    #[test]
+    fn a_response_copy_keeps_status_reason_and_fields() {
+        let mut response = ResponseHeader::build(404, None).unwrap();
+        response.set_reason_phrase(Some("Gone Fishing")).unwrap();
+        response.append_header("X-Backend", "b1").unwrap();
+        let copy = header_copy_response(&response).unwrap();
+        assert_eq!(copy.status, 404);
+        assert_eq!(copy.get_reason_phrase(), Some("Gone Fishing"));
+        assert_eq!(copy.headers, response.headers);
+        let mut buf = Vec::new();
+        copy.header_to_h1_wire(&mut buf);
+        assert_eq!(String::from_utf8(buf).unwrap(), "x-backend: b1\r\n");
+        let plain = header_copy_response(&ResponseHeader::build(200, None).unwrap()).unwrap();
+        assert_eq!(plain.get_reason_phrase(), Some("OK"));
+    }
 
     #[test]
     fn request_ids_are_kept_when_sane_and_unique_when_new() {

@@ -622,7 +622,11 @@ impl Gateway {
         ctx: &RequestCtx,
     ) -> pingora::Result<Box<RequestHeader>> {
         let has_body = !session.is_body_empty();
-        let mut request = Box::new(session.req_header().clone());
+        let mut request = Box::new(if ctx.snapshot.config.preserve_header_case {
+            session.req_header().clone()
+        } else {
+            forwarding::header_copy_request(session.req_header())
+        });
         request.set_version(http::Version::HTTP_11);
         forwarding::sanitize_request(&mut request, has_body)?;
         let Some(route) = ctx.route() else {
@@ -755,7 +759,11 @@ impl Gateway {
             if !header.status.is_informational()
                 || header.status == http::StatusCode::SWITCHING_PROTOCOLS
             {
-                break Box::new(header.clone());
+                break Box::new(if ctx.snapshot.config.preserve_header_case {
+                    header.clone()
+                } else {
+                    forwarding::header_copy_response(header).map_err(|e| e.into_up())?
+                });
             }
         };
         if !response.status.is_informational() {

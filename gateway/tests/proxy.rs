@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Backend, FAST_HEALTH, GatewayProcess, instance_healthy};
+use support::{Backend, CaseRecorder, FAST_HEALTH, GatewayProcess, instance_healthy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn client() -> reqwest::Client {
@@ -516,5 +516,45 @@ async fn worker_cpu_affinity_pins_each_worker_to_its_own_cpu() {
     for task in std::fs::read_dir(&tasks).unwrap() {
         let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
         assert_eq!(allowed_cpus(&status), ours);
+    }
+}
+
+#[tokio::test]
+async fn header_names_go_lowercase_unless_their_case_is_preserved() {
+    for preserve in [false, true] {
+        let backend = CaseRecorder::start();
+        let gateway = GatewayProcess::start(&format!(
+            "preserve_header_case: {preserve}\nservices:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
+            backend.addr
+        ))
+        .await;
+        let mut stream = gateway
+            .send_raw(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Custom-Thing: 1\r\n\r\n")
+            .await;
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !received.ends_with(b"\r\n\r\nok") {
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&received));
+            received.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8(received).unwrap();
+        let sent = backend.last_head.lock().unwrap().clone();
+        let (custom, backend_field) = if preserve {
+            ("\r\nX-Custom-Thing: 1\r\n", "\r\nX-Backend-Thing: yes\r\n")
+        } else {
+            ("\r\nx-custom-thing: 1\r\n", "\r\nx-backend-thing: yes\r\n")
+        };
+        assert!(sent.contains(custom), "preserve {preserve}: {sent}");
+        assert!(
+            answer.contains(backend_field),
+            "preserve {preserve}: {answer}"
+        );
+        // Standard names are capitalized as usual either way.
+        assert!(sent.contains("\r\nHost: a\r\n"), "{sent}");
+        assert!(answer.contains("\r\nContent-Length: 2\r\n"), "{answer}");
     }
 }

@@ -86,6 +86,10 @@ pub struct Config {
     /// Share-nothing worker `i` runs on the `i`-th CPU the process may use
     /// (modulo their count); see `workers::CpuPlan`.
     pub worker_cpu_affinity: bool,
+    /// Header names forwarded in the case they arrived in (Pingora's
+    /// case-preserving maps), or (false) as `http` writes them; see
+    /// `forwarding::header_copy_request`.
+    pub preserve_header_case: bool,
     pub downstream: Downstream,
     /// Whole seconds (Pingora counts in seconds).
     pub shutdown_grace: Duration,

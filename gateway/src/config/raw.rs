@@ -29,6 +29,10 @@ pub struct RawConfig {
     /// `worker_cpu_affinity auto`); default false.
     #[serde(default)]
     pub worker_cpu_affinity: Option<Spanned<bool>>,
+    /// Whether header names keep the case they arrived in; default false:
+    /// lowercase, standard names capitalized as usual.
+    #[serde(default)]
+    pub preserve_header_case: Option<bool>,
     #[serde(default)]
     pub health_check: RawHealthCheck,
     /// Limits and timeouts on the client side.

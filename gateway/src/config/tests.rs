@@ -64,6 +64,9 @@ fn a_good_file_gives_defaults_and_overrides() {
 
     assert!(!config.work_stealing);
     assert!(!config.worker_cpu_affinity);
+    assert!(!config.preserve_header_case);
+    let preserving = parse(&format!("preserve_header_case: true\n{GOOD}"), "good.yaml").unwrap();
+    assert!(preserving.preserve_header_case);
 
     assert_eq!(config.routes.len(), 3);
     assert_eq!(config.routes[0].strip_prefix.as_deref(), Some("/api"));

@@ -101,6 +101,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         threads,
         work_stealing,
         worker_cpu_affinity,
+        preserve_header_case: raw.preserve_header_case.unwrap_or(false),
         downstream,
         shutdown_grace,
         services,

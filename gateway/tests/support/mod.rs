@@ -322,12 +322,17 @@ fn raw_server(serve: impl Fn(std::net::TcpStream) + Send + Sync + 'static) -> Ra
 /// Reads from `socket` until a whole request head is in `seen`; returns it
 /// (lowercased) and leaves what follows in `seen`. `None`: closed first.
 fn read_head(socket: &mut std::net::TcpStream, seen: &mut Vec<u8>) -> Option<String> {
+    read_head_as_sent(socket, seen).map(|head| head.to_lowercase())
+}
+
+/// The next request head on `socket`, in the case it was sent.
+fn read_head_as_sent(socket: &mut std::net::TcpStream, seen: &mut Vec<u8>) -> Option<String> {
     use std::io::Read;
     let mut buf = [0u8; 4096];
     loop {
         if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
             let head: Vec<u8> = seen.drain(..end + 4).collect();
-            return Some(String::from_utf8_lossy(&head).to_lowercase());
+            return Some(String::from_utf8_lossy(&head).into_owned());
         }
         match socket.read(&mut buf) {
             Ok(0) | Err(_) => return None,
@@ -443,6 +448,41 @@ impl Upgrader {
             }
         });
         Upgrader {
+            addr: server.addr,
+            last_head,
+            _server: server,
+        }
+    }
+}
+
+/// Answers every request with 200 and a `X-Backend-Thing: yes` field, and
+/// keeps the last request head (other than health checks) byte for byte,
+/// so the case of its field names shows.
+pub struct CaseRecorder {
+    pub addr: SocketAddr,
+    pub last_head: Arc<std::sync::Mutex<String>>,
+    _server: RawServer,
+}
+
+impl CaseRecorder {
+    pub fn start() -> CaseRecorder {
+        use std::io::Write;
+        let last_head = Arc::new(std::sync::Mutex::new(String::new()));
+        let heads = Arc::clone(&last_head);
+        let server = raw_server(move |mut socket| {
+            let mut seen = Vec::new();
+            while let Some(head) = read_head_as_sent(&mut socket, &mut seen) {
+                if head.to_lowercase().starts_with("get /health") {
+                    let _ = socket.write_all(HEALTH_OK);
+                    continue;
+                }
+                *heads.lock().unwrap() = head;
+                let _ = socket.write_all(
+                    b"HTTP/1.1 200 OK\r\nX-Backend-Thing: yes\r\nContent-Length: 2\r\n\r\nok",
+                );
+            }
+        });
+        CaseRecorder {
             addr: server.addr,
             last_head,
             _server: server,
