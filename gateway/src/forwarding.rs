@@ -198,19 +198,19 @@ fn is_websocket_upgrade(request: &RequestHeader) -> bool {
             .any(|name| name == "upgrade")
 }
 
-/// The client's request header as the start of the upstream one: its
-/// fields copied without Pingora's record of their original case, so
-/// names go upstream lowercase, or capitalized as usual for the standard
-/// ones (as HAProxy and Envoy send them; field names are case-insensitive,
-/// RFC 9110 §5.1). Keeping the case would double the header map work of
-/// every request: a second map to copy and to keep in step on each field
-/// added. A request target the URI does not reproduce byte for byte
-/// (absolute-form, authority-form, not UTF-8) is kept by copying the
-/// whole header instead.
-pub fn header_copy_request(request: &RequestHeader) -> RequestHeader {
+/// The client's request header as the start of the upstream one. Unless
+/// `preserve_case`, its fields are copied without Pingora's record of
+/// their original case, so names go upstream lowercase, or capitalized as
+/// usual for the standard ones (as HAProxy and Envoy send them; field
+/// names are case-insensitive, RFC 9110 §5.1). Keeping the case doubles
+/// the header map work of every request: a second map to copy and to keep
+/// in step on each field added. A request target the URI does not
+/// reproduce byte for byte (absolute-form, authority-form, not UTF-8) is
+/// kept by copying the whole header.
+pub fn header_copy_request(request: &RequestHeader, preserve_case: bool) -> RequestHeader {
     let target_is_the_uris = request.raw_path_is_utf8()
         && request.uri.path_and_query().map(|p| p.as_str().as_bytes()) == Some(request.raw_path());
-    if target_is_the_uris {
+    if target_is_the_uris && !preserve_case {
         RequestHeader::from(request.as_owned_parts())
     } else {
         request.clone()
@@ -218,9 +218,15 @@ pub fn header_copy_request(request: &RequestHeader) -> RequestHeader {
 }
 
 /// The upstream's response header as the start of the client's: as
-/// [`header_copy_request`], the fields without their original case; the
-/// status line's reason phrase kept.
-pub fn header_copy_response(response: &ResponseHeader) -> pingora::Result<ResponseHeader> {
+/// [`header_copy_request`], the fields without their original case unless
+/// `preserve_case`; the status line's reason phrase kept.
+pub fn header_copy_response(
+    response: &ResponseHeader,
+    preserve_case: bool,
+) -> pingora::Result<ResponseHeader> {
+    if preserve_case {
+        return Ok(response.clone());
+    }
     let mut copy = ResponseHeader::from(response.as_owned_parts());
     copy.set_reason_phrase(response.get_reason_phrase())?;
     Ok(copy)
@@ -293,7 +299,7 @@ mod tests {
         request.append_header("X-Custom-Thing", "one").unwrap();
         request.append_header("X-Custom-Thing", "two").unwrap();
         request.append_header("content-type", "text/plain").unwrap();
-        let copy = header_copy_request(&request);
+        let copy = header_copy_request(&request, false);
         assert_eq!(copy.method, request.method);
         assert_eq!(copy.uri, request.uri);
         assert_eq!(copy.raw_path(), b"/a/b?x=1&y=%20");
@@ -306,11 +312,13 @@ mod tests {
             "{copied}"
         );
         assert!(copied.contains("Content-Type: text/plain\r\n"), "{copied}");
+        let kept = wire(&header_copy_request(&request, true));
+        assert!(kept.contains("X-Custom-Thing: one\r\n"), "{kept}");
 
         // A target the URI does not reproduce is copied whole, case and all.
         let mut absolute = RequestHeader::build("GET", b"http://example.com/p?q", None).unwrap();
         absolute.append_header("X-Custom-Thing", "one").unwrap();
-        let copy = header_copy_request(&absolute);
+        let copy = header_copy_request(&absolute, false);
         assert_eq!(copy.raw_path(), b"http://example.com/p?q");
         assert!(wire(&copy).contains("X-Custom-Thing: one"));
     }
@@ -320,14 +328,15 @@ mod tests {
         let mut response = ResponseHeader::build(404, None).unwrap();
         response.set_reason_phrase(Some("Gone Fishing")).unwrap();
         response.append_header("X-Backend", "b1").unwrap();
-        let copy = header_copy_response(&response).unwrap();
+        let copy = header_copy_response(&response, false).unwrap();
         assert_eq!(copy.status, 404);
         assert_eq!(copy.get_reason_phrase(), Some("Gone Fishing"));
         assert_eq!(copy.headers, response.headers);
         let mut buf = Vec::new();
         copy.header_to_h1_wire(&mut buf);
         assert_eq!(String::from_utf8(buf).unwrap(), "x-backend: b1\r\n");
-        let plain = header_copy_response(&ResponseHeader::build(200, None).unwrap()).unwrap();
+        let plain =
+            header_copy_response(&ResponseHeader::build(200, None).unwrap(), false).unwrap();
         assert_eq!(plain.get_reason_phrase(), Some("OK"));
     }
 

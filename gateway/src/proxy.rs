@@ -622,11 +622,10 @@ impl Gateway {
         ctx: &RequestCtx,
     ) -> pingora::Result<Box<RequestHeader>> {
         let has_body = !session.is_body_empty();
-        let mut request = Box::new(if ctx.snapshot.config.preserve_header_case {
-            session.req_header().clone()
-        } else {
-            forwarding::header_copy_request(session.req_header())
-        });
+        let mut request = Box::new(forwarding::header_copy_request(
+            session.req_header(),
+            ctx.snapshot.config.preserve_header_case,
+        ));
         request.set_version(http::Version::HTTP_11);
         forwarding::sanitize_request(&mut request, has_body)?;
         let Some(route) = ctx.route() else {
@@ -759,11 +758,11 @@ impl Gateway {
             if !header.status.is_informational()
                 || header.status == http::StatusCode::SWITCHING_PROTOCOLS
             {
-                break Box::new(if ctx.snapshot.config.preserve_header_case {
-                    header.clone()
-                } else {
-                    forwarding::header_copy_response(header).map_err(|e| e.into_up())?
-                });
+                let preserve_case = ctx.snapshot.config.preserve_header_case;
+                break Box::new(
+                    forwarding::header_copy_response(header, preserve_case)
+                        .map_err(|e| e.into_up())?,
+                );
             }
         };
         if !response.status.is_informational() {

@@ -56,7 +56,7 @@ pub struct Workers<A = Gateway> {
 }
 
 /// The CPU each worker is pinned to (`worker_cpu_affinity`), or none.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct CpuPlan {
     /// The CPUs the process may run on, in order; empty: no pinning.
     cpus: Vec<usize>,
@@ -91,7 +91,7 @@ impl CpuPlan {
     }
 
     /// The CPU of worker `index`, if pinned.
-    pub fn cpu_for(&self, index: usize) -> Option<usize> {
+    fn cpu_for(&self, index: usize) -> Option<usize> {
         match self.cpus.len() {
             0 => None,
             n => Some(self.cpus[index % n]),
@@ -121,9 +121,10 @@ fn pin_this_thread_to(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Not reached: without Linux, no plan has CPUs (`CpuPlan::this_process`).
 #[cfg(not(target_os = "linux"))]
 fn pin_this_thread_to(_cpu: usize) -> std::io::Result<()> {
-    CpuPlan::this_process().map(drop)
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 /// Where a new connection is served.
