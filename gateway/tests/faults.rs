@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::{
     Backend, BlackHole, Dropper, GatewayProcess, IdleCloser, Upgrader, instance_healthy,
+    single_route,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -463,9 +464,9 @@ async fn header_body_and_connection_limits() {
 #[tokio::test]
 async fn a_connection_the_instance_closed_while_idle_is_not_reused() {
     let closer = IdleCloser::start(Duration::from_millis(100));
-    let gateway = GatewayProcess::start(&format!(
-        "health_check: {{ interval: 60s }}\nservices:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-        closer.addr
+    let gateway = GatewayProcess::start(&single_route(
+        "health_check: { interval: 60s }\n",
+        closer.addr,
     ))
     .await;
     let http = reqwest::Client::new();

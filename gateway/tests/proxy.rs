@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Backend, CaseRecorder, FAST_HEALTH, GatewayProcess, instance_healthy};
+use support::{Backend, CaseRecorder, FAST_HEALTH, GatewayProcess, instance_healthy, single_route};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn client() -> reqwest::Client {
@@ -214,11 +214,7 @@ async fn health_and_services_describe_every_instance() {
 #[tokio::test]
 async fn a_streamed_response_arrives_chunk_by_chunk() {
     let a = Backend::start("a");
-    let gateway = GatewayProcess::start(&format!(
-        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-        a.addr
-    ))
-    .await;
+    let gateway = GatewayProcess::start(&single_route("", a.addr)).await;
     let started = Instant::now();
     // 4 chunks, 400 ms apart: the whole answer takes 1.2 s.
     let mut response = client()
@@ -245,11 +241,7 @@ async fn a_streamed_response_arrives_chunk_by_chunk() {
 async fn a_large_upload_streams_through_without_growing_memory() {
     const SIZE: u64 = 256 * 1024 * 1024;
     let a = Backend::start("a");
-    let gateway = GatewayProcess::start(&format!(
-        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-        a.addr
-    ))
-    .await;
+    let gateway = GatewayProcess::start(&single_route("", a.addr)).await;
     let rss_before = gateway.memory_kib("VmRSS");
     let head = format!(
         "POST /upload HTTP/1.1\r\nhost: test\r\ncontent-type: application/octet-stream\r\ncontent-length: {SIZE}\r\nconnection: close\r\n\r\n"
@@ -277,11 +269,7 @@ async fn a_large_upload_streams_through_without_growing_memory() {
 #[tokio::test]
 async fn any_body_and_any_status_pass_untouched() {
     let a = Backend::start("a");
-    let gateway = GatewayProcess::start(&format!(
-        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-        a.addr
-    ))
-    .await;
+    let gateway = GatewayProcess::start(&single_route("", a.addr)).await;
     let binary: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
     let response = client()
         .post(gateway.url("/echo"))
@@ -326,11 +314,7 @@ async fn any_body_and_any_status_pass_untouched() {
 #[tokio::test]
 async fn forwarding_headers_request_ids_and_hop_by_hop() {
     let a = Backend::start("a");
-    let gateway = GatewayProcess::start(&format!(
-        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-        a.addr
-    ))
-    .await;
+    let gateway = GatewayProcess::start(&single_route("", a.addr)).await;
     let response = client()
         .get(gateway.url("/x"))
         .header("host", "shop.example")
@@ -471,11 +455,8 @@ fn allowed_cpus(status: &str) -> Vec<usize> {
 #[tokio::test]
 async fn worker_cpu_affinity_pins_each_worker_to_its_own_cpu() {
     let backend = Backend::start("b");
-    let gateway = GatewayProcess::start(&format!(
-        "worker_cpu_affinity: true\nservices:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-        backend.addr
-    ))
-    .await;
+    let gateway =
+        GatewayProcess::start(&single_route("worker_cpu_affinity: true\n", backend.addr)).await;
     // New connections, handed to both workers in turn.
     for _ in 0..4 {
         assert_eq!(get_json(&gateway.url("/x")).await.0, 200);
@@ -504,11 +485,7 @@ async fn worker_cpu_affinity_pins_each_worker_to_its_own_cpu() {
     assert_eq!(workers, expected, "{}", gateway.log());
 
     // Not pinned unless asked.
-    let unpinned = GatewayProcess::start(&format!(
-        "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-        backend.addr
-    ))
-    .await;
+    let unpinned = GatewayProcess::start(&single_route("", backend.addr)).await;
     for _ in 0..4 {
         assert_eq!(get_json(&unpinned.url("/x")).await.0, 200);
     }
@@ -523,9 +500,9 @@ async fn worker_cpu_affinity_pins_each_worker_to_its_own_cpu() {
 async fn header_names_go_lowercase_unless_their_case_is_preserved() {
     for preserve in [false, true] {
         let backend = CaseRecorder::start();
-        let gateway = GatewayProcess::start(&format!(
-            "preserve_header_case: {preserve}\nservices:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-            backend.addr
+        let gateway = GatewayProcess::start(&single_route(
+            &format!("preserve_header_case: {preserve}\n"),
+            backend.addr,
         ))
         .await;
         let mut stream = gateway

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Backend, GatewayProcess};
+use support::{Backend, GatewayProcess, single_route};
 
 /// Health checks fast enough that new instances are admitted at once.
 const HEALTH: &str = "health_check: { interval: 50ms, timeout: 200ms, healthy_threshold: 1, unhealthy_threshold: 1 }\n";
@@ -200,11 +200,7 @@ async fn a_new_instance_failing_its_check_gets_no_traffic() {
     let a = Backend::start("a");
     let sick = Backend::start("sick");
     sick.set_healthy(false);
-    let gateway = GatewayProcess::start(&format!(
-        "{HEALTH}services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-        a.addr
-    ))
-    .await;
+    let gateway = GatewayProcess::start(&single_route(HEALTH, a.addr)).await;
     let last = gateway.admin_config().await["last_reload"].clone();
     gateway.write_config(&format!(
         "{HEALTH}services:\n  s: {{ instances: [\"{}\", \"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
@@ -288,10 +284,7 @@ async fn rewrites_under_load_lose_no_request() {
 #[tokio::test]
 async fn sighup_and_the_admin_endpoint_reload_and_listen_changes_are_reported() {
     let a = Backend::start("a");
-    let body = format!(
-        "{HEALTH}services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n",
-        a.addr
-    );
+    let body = single_route(HEALTH, a.addr);
     let gateway = GatewayProcess::start(&body).await;
 
     let last = gateway.admin_config().await["last_reload"].clone();

@@ -511,6 +511,14 @@ impl BlackHole {
     }
 }
 
+/// A gateway configuration body with one service `s` of one instance,
+/// routed from `/`, after the top-level lines `top` (each ending in `\n`).
+pub fn single_route(top: &str, instance: SocketAddr) -> String {
+    format!(
+        "{top}services:\n  s: {{ instances: [\"{instance}\"] }}\nroutes:\n  - {{ prefix: /, service: s }}\n"
+    )
+}
+
 /// A port that was free a moment ago (the gateway binds it itself).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
