@@ -1,17 +1,51 @@
 //! Every answer the gateway gives on its own, decided in one place.
 //!
-//! [`GatewayError`] names what went wrong; [`GatewayError::status`] is the
-//! only mapping to a status code, and [`respond`] the only writer of the
-//! JSON body `{"detail": ..., "request_id": ...}`. Errors Pingora reports
-//! while proxying are classified by [`GatewayError::from_proxy_error`].
+//! Each phase of a request fails with a [`Failure`]: what went wrong
+//! ([`GatewayError`]), whether the client connection must close after the
+//! answer, and the Pingora error behind it if there is one (for the log).
+//! [`GatewayError::answer`] is the only mapping from a failure to a status,
+//! a JSON body `{"detail": ..., "request_id": ...}` and extra headers; an
+//! error Pingora reported while proxying is classified by [`classify`].
+//! `proxy::exchange` writes the answer.
 
 use bytes::Bytes;
-use http::StatusCode;
-use pingora::http::ResponseHeader;
-use pingora::protocols::http::ServerSession;
+use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::forwarding::{REQUEST_ID, RequestId};
+/// A response the gateway writes itself instead of proxying: a status, the
+/// `detail` of its JSON body (none: an empty body, e.g. a `204`), and extra
+/// header fields (`WWW-Authenticate`, `Retry-After`, ...). Plugins answer
+/// with one too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub detail: Option<String>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Answer {
+    /// An answer with `status`, an empty body and no extra fields.
+    pub fn new(status: StatusCode) -> Self {
+        Answer {
+            status,
+            detail: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// With a JSON body whose `detail` is `detail`.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// With one more header field (added, not replacing one of the same
+    /// name).
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GatewayError {
@@ -42,9 +76,12 @@ pub enum GatewayError {
     /// The client was too slow to send its request.
     #[error("Request timeout")]
     ClientTimeout,
-    /// A plugin refused the request.
-    #[error("{detail}")]
-    Rejected { status: StatusCode, detail: String },
+    /// The client is gone (closed, reset): nobody is left to answer.
+    #[error("Client closed the connection")]
+    ClientGone,
+    /// A plugin answered the request itself.
+    #[error("answered by a plugin")]
+    Plugin(Answer),
     /// A bug or an unexpected failure inside the gateway.
     #[error("Internal gateway error")]
     Internal,
@@ -63,43 +100,98 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::HeaderTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
-            GatewayError::Rejected { status, .. } => *status,
+            // Not sent; nginx's code for it, in logs.
+            GatewayError::ClientGone => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+            GatewayError::Plugin(answer) => answer.status,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// Classifies an error Pingora reported while proxying to `service`.
-    /// `None` when the client is gone and nobody is left to answer.
-    pub fn from_proxy_error(error: &Error, service: &str) -> Option<GatewayError> {
-        let service = service.to_owned();
-        use ErrorType::*;
-        match (error.esource(), error.etype()) {
-            (_, HTTPStatus(code)) => Some(GatewayError::Rejected {
-                status: StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                detail: StatusCode::from_u16(*code)
-                    .ok()
-                    .and_then(|s| s.canonical_reason())
-                    .unwrap_or("Error")
-                    .to_owned(),
-            }),
-            (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => {
-                Some(GatewayError::UpstreamTimeout { service })
-            }
-            (
-                ErrorSource::Upstream,
-                ConnectRefused | ConnectNoRoute | ConnectError | SocketError | BindError,
-            ) => Some(GatewayError::ConnectFailed { service }),
-            (ErrorSource::Upstream, _) => Some(GatewayError::UpstreamFailed { service }),
-            (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
-            (ErrorSource::Downstream, ReadTimedout) => Some(GatewayError::ClientTimeout),
-            (ErrorSource::Downstream, _) => Some(GatewayError::BadRequest {
-                reason: "malformed request",
-            }),
-            (ErrorSource::Internal | ErrorSource::Unset, ConnectTimedout) => {
-                Some(GatewayError::UpstreamTimeout { service })
-            }
-            (ErrorSource::Internal | ErrorSource::Unset, _) => Some(GatewayError::Internal),
+    /// What the client is told, or `None` if nobody is left to tell.
+    pub fn answer(&self) -> Option<Answer> {
+        match self {
+            GatewayError::ClientGone => None,
+            GatewayError::Plugin(answer) => Some(answer.clone()),
+            other => Some(Answer::new(other.status()).with_detail(other.to_string())),
         }
+    }
+}
+
+/// A request that cannot go on, from whichever phase.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: GatewayError,
+    /// The client connection closes after the answer: its state is
+    /// unknown (a body left unread, a broken exchange) or unwanted.
+    pub close: bool,
+    /// What Pingora reported, for the log; `None` for the gateway's own
+    /// decisions.
+    pub cause: Option<Box<Error>>,
+}
+
+impl Failure {
+    /// Answered, and the connection may carry the client's next request.
+    pub fn answer(error: GatewayError) -> Self {
+        Failure {
+            error,
+            close: false,
+            cause: None,
+        }
+    }
+
+    /// Answered, then the connection closes.
+    pub fn closing(error: GatewayError) -> Self {
+        Failure {
+            error,
+            close: true,
+            cause: None,
+        }
+    }
+
+    /// An error Pingora reported while proxying to `service` on a route
+    /// with `body_limit`; the connection closes after it.
+    pub fn proxying(cause: Box<Error>, service: &str, body_limit: Option<u64>) -> Self {
+        Failure {
+            error: classify(&cause, service, body_limit),
+            close: true,
+            cause: Some(cause),
+        }
+    }
+}
+
+/// The error type of a request body over the route's limit, raised while
+/// it streams (see [`classify`]).
+pub const BODY_OVER_LIMIT: ErrorType = ErrorType::Custom("BodyOverLimit");
+
+/// Classifies an error Pingora reported while proxying to `service`.
+pub fn classify(error: &Error, service: &str, body_limit: Option<u64>) -> GatewayError {
+    let service = service.to_owned();
+    use ErrorType::*;
+    match (error.esource(), error.etype()) {
+        (_, etype) if *etype == BODY_OVER_LIMIT => GatewayError::PayloadTooLarge {
+            limit: body_limit.unwrap_or_default(),
+        },
+        (ErrorSource::Upstream, ConnectTimedout | ReadTimedout | WriteTimedout) => {
+            GatewayError::UpstreamTimeout { service }
+        }
+        (
+            ErrorSource::Upstream,
+            ConnectRefused | ConnectNoRoute | ConnectError | SocketError | BindError,
+        ) => GatewayError::ConnectFailed { service },
+        (ErrorSource::Upstream, _) => GatewayError::UpstreamFailed { service },
+        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => {
+            GatewayError::ClientGone
+        }
+        (ErrorSource::Downstream, ReadTimedout) => GatewayError::ClientTimeout,
+        (ErrorSource::Downstream, _) => GatewayError::BadRequest {
+            reason: "malformed request",
+        },
+        (ErrorSource::Internal | ErrorSource::Unset, ConnectTimedout) => {
+            GatewayError::UpstreamTimeout { service }
+        }
+        (ErrorSource::Internal | ErrorSource::Unset, _) => GatewayError::Internal,
     }
 }
 
@@ -109,84 +201,51 @@ pub fn json_body(detail: &str, request_id: &str) -> Bytes {
     Bytes::from(body.to_string())
 }
 
-fn json_header(
-    status: StatusCode,
-    body: &Bytes,
-    request_id: &RequestId,
-) -> pingora::Result<ResponseHeader> {
-    let mut header = ResponseHeader::build(status, Some(4))?;
-    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    header.insert_header(REQUEST_ID, request_id.header())?;
-    Ok(header)
-}
-
-/// Writes a complete JSON answer (header and body) to the client.
-pub async fn respond_json(
-    session: &mut ServerSession,
-    status: StatusCode,
-    body: Bytes,
-    request_id: &RequestId,
-) -> pingora::Result<()> {
-    let header = json_header(status, &body, request_id)?;
-    if crate::shutdown::draining() {
-        session.set_keepalive(None);
-    }
-    let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(header)).await?;
-    if head_only {
-        session.finish_body().await
-    } else {
-        session.write_response_body(body, true).await
-    }
-}
-
-/// Answers the client with `error`.
-pub async fn respond(
-    session: &mut ServerSession,
-    error: &GatewayError,
-    request_id: &RequestId,
-) -> pingora::Result<()> {
-    let body = json_body(&error.to_string(), request_id.as_str());
-    respond_json(session, error.status(), body, request_id).await
-}
-
-/// Answers a request whose header could not be parsed (there is no
-/// request to look at), then the connection closes.
-pub async fn respond_unparsed(
-    session: &mut ServerSession,
-    error: &GatewayError,
-    request_id: &RequestId,
-) -> pingora::Result<()> {
-    let body = json_body(&error.to_string(), request_id.as_str());
-    let header = json_header(error.status(), &body, request_id)?;
-    session.write_error_response(header, body).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn classify(source: ErrorSource, etype: ErrorType) -> Option<u16> {
+    fn classified(source: ErrorSource, etype: ErrorType) -> Option<u16> {
         let mut error = Error::new(etype);
         error.esource = source;
-        GatewayError::from_proxy_error(&error, "svc").map(|e| e.status().as_u16())
+        classify(&error, "svc", Some(10))
+            .answer()
+            .map(|answer| answer.status.as_u16())
     }
 
     #[test]
     fn proxy_errors_map_to_the_documented_statuses() {
         use ErrorSource::*;
         use ErrorType::*;
-        assert_eq!(classify(Upstream, ConnectRefused), Some(502));
-        assert_eq!(classify(Upstream, ConnectTimedout), Some(504));
-        assert_eq!(classify(Upstream, ReadTimedout), Some(504));
-        assert_eq!(classify(Upstream, ConnectionClosed), Some(502));
-        assert_eq!(classify(Upstream, H1Error), Some(502));
-        assert_eq!(classify(Downstream, ConnectionClosed), None);
-        assert_eq!(classify(Downstream, InvalidHTTPHeader), Some(400));
-        assert_eq!(classify(Internal, HTTPStatus(503)), Some(503));
-        assert_eq!(classify(Internal, InternalError), Some(500));
+        assert_eq!(classified(Upstream, ConnectRefused), Some(502));
+        assert_eq!(classified(Upstream, ConnectTimedout), Some(504));
+        assert_eq!(classified(Upstream, ReadTimedout), Some(504));
+        assert_eq!(classified(Upstream, ConnectionClosed), Some(502));
+        assert_eq!(classified(Upstream, H1Error), Some(502));
+        assert_eq!(classified(Downstream, ConnectionClosed), None);
+        assert_eq!(classified(Downstream, InvalidHTTPHeader), Some(400));
+        assert_eq!(classified(Downstream, BODY_OVER_LIMIT), Some(413));
+        assert_eq!(classified(Internal, InternalError), Some(500));
+    }
+
+    #[test]
+    fn an_answer_carries_status_detail_and_headers() {
+        let failure = Failure::answer(GatewayError::NoHealthyInstance {
+            service: "users".into(),
+        });
+        assert!(!failure.close);
+        let answer = failure.error.answer().unwrap();
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            answer.detail.as_deref(),
+            Some("No healthy instance of users")
+        );
+        let plugin = Answer::new(StatusCode::TOO_MANY_REQUESTS)
+            .with_detail("slow down")
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let error = GatewayError::Plugin(plugin.clone());
+        assert_eq!(error.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(error.answer(), Some(plugin));
     }
 
     #[test]

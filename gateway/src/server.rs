@@ -12,29 +12,28 @@ use pingora::prelude::Server;
 use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
-use crate::admin;
 use crate::config::{self, Config};
-use crate::downstream::GuardedProxy;
-use crate::health::HealthRegistry;
+use crate::control::discovery::FileSources;
+use crate::control::{ControlPlane, admin, shutdown};
+use crate::engine::listener::GuardedProxy;
+use crate::engine::upstream_pool::UpstreamPool;
+use crate::engine::workers::{CpuPlan, Workers};
+use crate::policy::plugins::PluginRegistry;
 use crate::proxy::Gateway;
-use crate::reload::{self, Reloader};
-use crate::shutdown;
-use crate::snapshot::{CurrentSnapshot, Snapshot};
-use crate::upstream_pool::UpstreamPool;
-use crate::workers::{CpuPlan, Workers};
 
 /// Seconds the runtimes get to wind down after the grace period (only
 /// reached if the drain watch in `shutdown` did not exit first).
 const RUNTIME_SHUTDOWN_SECONDS: u64 = 2;
 
-/// Runs the gateway on the configuration at `path` until it is told to
-/// stop. With `upgrade`, takes the listening sockets over from a running
-/// gateway (which is then sent SIGQUIT). Exit status 2 for an invalid
+/// Runs the gateway on the configuration at `path`, with the built-in
+/// plugins and those of `plugins`, until it is told to stop. With
+/// `upgrade`, takes the listening sockets over from a running gateway
+/// (which is then sent SIGQUIT). Exit status 2 for an invalid
 /// configuration, 1 for any other start-up failure.
-pub fn run(path: &Path, upgrade: bool) -> ExitCode {
+pub fn run(path: &Path, upgrade: bool, plugins: PluginRegistry) -> ExitCode {
     // The bytes the first version comes from: a reload compares with them.
     let loaded_bytes = std::fs::read(path).ok();
-    let config = match config::load(path) {
+    let config = match config::load_with(path, &plugins) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("{errors}");
@@ -42,43 +41,29 @@ pub fn run(path: &Path, upgrade: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let control = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("gateway-control")
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot start the control runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    let registry = Arc::new(HealthRegistry::new(control.handle().clone()));
-    let snapshot = match control.block_on(Snapshot::build(config.clone(), 1, &registry)) {
-        Ok(snapshot) => snapshot,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot build the configuration");
-            return ExitCode::FAILURE;
-        }
-    };
-    control.block_on(registry.first_checks_done(reload::first_check_wait(&config)));
-    let current = Arc::new(CurrentSnapshot::new(snapshot));
-    let reloader = Arc::new(Reloader::new(
+    let control = match ControlPlane::start(
         path,
-        Arc::clone(&current),
-        registry,
+        config.clone(),
         loaded_bytes,
-    ));
-    if let Err(err) = reloader.spawn_triggers(control.handle()) {
+        plugins,
+        Arc::new(FileSources),
+    ) {
+        Ok(control) => control,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let current = Arc::clone(&control.current);
+    if let Err(err) = control.watch_file() {
         tracing::error!(error = %err, "cannot watch the configuration file");
         return ExitCode::FAILURE;
     }
     if let Some(admin) = config.admin_listen {
-        let app = admin::router(Arc::clone(&reloader));
+        let app = admin::router(Arc::clone(&control.reloader));
         if upgrade {
             // The old process still holds the admin port until it exits.
-            control.spawn(admin::serve_when_free(admin, app));
+            control.handle().spawn(admin::serve_when_free(admin, app));
         } else {
             let listener = match control.block_on(tokio::net::TcpListener::bind(admin)) {
                 Ok(listener) => listener,
@@ -87,7 +72,7 @@ pub fn run(path: &Path, upgrade: bool) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            control.spawn(admin::serve(listener, app));
+            control.handle().spawn(admin::serve(listener, app));
             tracing::info!("admin listening on http://{admin}");
         }
     }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use gateway::config::Config;
+use gateway_config::Config;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -63,7 +63,7 @@ pub struct ProcessSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error("{0}")]
-    Config(#[from] gateway::config::ConfigErrors),
+    Config(#[from] gateway_config::ConfigErrors),
     #[error(
         "service {service}: instance {address:?} must be ip:port to be started locally (host names are for containers)"
     )]
@@ -374,7 +374,7 @@ async fn shutdown_signal() {
 /// 1 if it could not start or a child crash-looped, 2 for an invalid
 /// configuration.
 pub async fn run(options: Options) -> ExitCode {
-    let config = match gateway::config::load(&options.config) {
+    let config = match gateway_config::load(&options.config) {
         Ok(config) => config,
         Err(errors) => {
             eprintln!("{errors}");

@@ -70,7 +70,9 @@ fn a_good_file_gives_defaults_and_overrides() {
 
     assert_eq!(config.routes.len(), 3);
     assert_eq!(config.routes[0].strip_prefix.as_deref(), Some("/api"));
-    let PluginConfig::Headers(headers) = &config.routes[1].plugins[0];
+    let PluginConfig::Headers(headers) = &config.routes[1].plugins[0] else {
+        panic!("not the headers plugin");
+    };
     assert_eq!(headers.request.set[0].0, "x-from");
     assert_eq!(headers.request.remove[0], "cookie");
 }

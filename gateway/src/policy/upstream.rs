@@ -22,7 +22,7 @@ use pingora::lb::selection::{Random, RoundRobin};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{AllUnhealthy, LoadBalancing, OutlierSettings, ServiceConfig, Timeouts};
-use crate::health::InstanceHealth;
+use crate::control::health::InstanceHealth;
 
 enum Balancer {
     RoundRobin(LoadBalancer<RoundRobin>),

@@ -23,18 +23,23 @@ impl<R> RouteTable<R> {
 
     /// The route whose prefix is the longest segment-prefix of `path`.
     pub fn lookup(&self, path: &str) -> Option<&R> {
-        self.find(path).and_then(|index| self.get(index))
-    }
-
-    /// Like [`Self::lookup`], but the route's index, for [`Self::get`].
-    pub fn find(&self, path: &str) -> Option<usize> {
         self.routes
             .iter()
-            .position(|(prefix, _)| segment_prefix_of(prefix, path))
+            .find(|(prefix, _)| segment_prefix_of(prefix, path))
+            .map(|(_, route)| route)
     }
 
-    pub fn get(&self, index: usize) -> Option<&R> {
-        self.routes.get(index).map(|(_, route)| route)
+    /// The route with exactly this prefix.
+    pub fn lookup_prefix(&self, prefix: &str) -> Option<&R> {
+        self.routes
+            .iter()
+            .find(|(own, _)| own == prefix)
+            .map(|(_, route)| route)
+    }
+
+    /// Every route, longest prefix first.
+    pub fn iter(&self) -> impl Iterator<Item = &R> {
+        self.routes.iter().map(|(_, route)| route)
     }
 }
 
@@ -71,6 +76,8 @@ mod tests {
         assert_eq!(t.lookup("/api/"), Some(&"api"));
         assert_eq!(t.lookup("/apiX"), None);
         assert_eq!(t.lookup("/"), None);
+        assert_eq!(t.lookup_prefix("/api/users"), Some(&"users"));
+        assert_eq!(t.lookup_prefix("/api/users/7"), None);
         let root = RouteTable::new([("/".to_owned(), "root")]);
         assert_eq!(root.lookup("/anything/at/all"), Some(&"root"));
     }

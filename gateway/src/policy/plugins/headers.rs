@@ -10,7 +10,7 @@
 
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use super::Plugin;
+use super::{Plugin, PluginContext};
 use crate::config::HeadersPluginConfig;
 
 pub struct Headers {
@@ -23,13 +23,16 @@ impl Headers {
     }
 }
 
-#[async_trait::async_trait]
 impl Plugin for Headers {
     fn name(&self) -> &'static str {
         "headers"
     }
 
-    fn upstream_request_filter(&self, request: &mut RequestHeader) -> pingora::Result<()> {
+    fn upstream_request_filter(
+        &self,
+        request: &mut RequestHeader,
+        _ctx: &mut PluginContext<'_>,
+    ) -> pingora::Result<()> {
         let edits = &self.settings.request;
         for name in &edits.remove {
             request.remove_header(name);
@@ -40,7 +43,11 @@ impl Plugin for Headers {
         Ok(())
     }
 
-    fn response_filter(&self, response: &mut ResponseHeader) -> pingora::Result<()> {
+    fn response_filter(
+        &self,
+        response: &mut ResponseHeader,
+        _ctx: &mut PluginContext<'_>,
+    ) -> pingora::Result<()> {
         let edits = &self.settings.response;
         for name in &edits.remove {
             response.remove_header(name);
@@ -74,14 +81,19 @@ mod tests {
         let mut request = RequestHeader::build("GET", b"/", None).unwrap();
         request.insert_header("cookie", "secret").unwrap();
         request.insert_header("x-a", "old").unwrap();
-        plugin.upstream_request_filter(&mut request).unwrap();
+        let client = RequestHeader::build("GET", b"/", None).unwrap();
+        let mut extensions = http::Extensions::new();
+        let mut ctx = PluginContext::new(&client, "rid", None, "/", "svc", &mut extensions);
+        plugin
+            .upstream_request_filter(&mut request, &mut ctx)
+            .unwrap();
         assert!(request.headers.get("cookie").is_none());
         assert_eq!(request.headers.get_all("x-a").iter().count(), 1);
         assert_eq!(request.headers["x-a"], "1");
 
         let mut response = ResponseHeader::build(200, None).unwrap();
         response.insert_header("cookie", "x").unwrap();
-        plugin.response_filter(&mut response).unwrap();
+        plugin.response_filter(&mut response, &mut ctx).unwrap();
         assert!(response.headers.get("cookie").is_none());
         assert_eq!(response.headers["x-a"], "1");
     }

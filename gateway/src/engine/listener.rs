@@ -16,10 +16,10 @@ use pingora::apps::ServerApp;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 
+use super::worker_stream;
+use super::workers::{Placement, Workers};
+use crate::control::snapshot::CurrentSnapshot;
 use crate::proxy::Gateway;
-use crate::snapshot::CurrentSnapshot;
-use crate::worker_stream;
-use crate::workers::{Placement, Workers};
 
 /// The proxy app behind a limit on open client connections; hands each
 /// connection to a worker (see `workers`).

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use crate::snapshot::Snapshot;
+use crate::control::snapshot::Snapshot;
 
 /// An endpoint the gateway answers itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -41,6 +41,9 @@ pub struct RawConfig {
     /// How long in-flight requests may run after SIGTERM.
     #[serde(default)]
     pub shutdown_grace: Option<Spanned<HumanDuration>>,
+    /// How often host names in `instances` lists are resolved again.
+    #[serde(default)]
+    pub dns_refresh: Option<Spanned<HumanDuration>>,
     pub services: Spanned<BTreeMap<String, RawService>>,
     pub routes: Spanned<Vec<RawRoute>>,
 }
@@ -148,15 +151,61 @@ pub struct RawRoute {
     #[serde(default)]
     pub max_body_size: Option<Spanned<ByteSize>>,
     #[serde(default)]
-    pub plugins: Vec<RawPlugin>,
+    pub plugins: Vec<Spanned<RawPlugin>>,
 }
 
-/// One plugin of a route, named by its key: `- headers: {...}`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+/// One plugin of a route, named by its key: `- headers: {...}`. A name that
+/// is not a built-in plugin's is kept with its settings as written, for the
+/// plugins a program built on the gateway registers (checked by
+/// [`super::CustomPlugins`] during validation).
+#[derive(Debug, Clone)]
 pub enum RawPlugin {
     /// Adds, replaces or removes request and response headers.
     Headers(RawHeadersPlugin),
+    /// Any other name.
+    Custom {
+        name: String,
+        settings: serde_json::Value,
+    },
+}
+
+impl<'de> Deserialize<'de> for RawPlugin {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OneKey;
+        impl<'de> serde::de::Visitor<'de> for OneKey {
+            type Value = RawPlugin;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a plugin: its name as the only key, e.g. `- headers: {...}`")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawPlugin, A::Error> {
+                use serde::de::Error;
+                let Some(name) = map.next_key::<String>()? else {
+                    return Err(A::Error::custom(
+                        "a plugin needs its name as key, e.g. `- headers: {...}`",
+                    ));
+                };
+                let plugin = match name.as_str() {
+                    "headers" => RawPlugin::Headers(map.next_value()?),
+                    _ => RawPlugin::Custom {
+                        settings: map.next_value()?,
+                        name,
+                    },
+                };
+                if map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(A::Error::custom(
+                        "one plugin per list item: write `- a: ...` then `- b: ...`",
+                    ));
+                }
+                Ok(plugin)
+            }
+        }
+        deserializer.deserialize_map(OneKey)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

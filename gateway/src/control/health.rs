@@ -42,8 +42,8 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::discovery::Instance;
 use crate::config::{HealthSettings, OutlierSettings};
-use crate::discovery::Instance;
 
 /// What the last checks concluded about an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

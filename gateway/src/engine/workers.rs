@@ -5,7 +5,7 @@
 //! processes. The listening service's thread is worker 0: it accepts, and
 //! hands each new client connection to the next worker in turn, where the
 //! connection stays, request after request, to its end, its socket moved
-//! to that worker's epoll ([`crate::worker_stream`]). The other workers
+//! to that worker's epoll ([`super::worker_stream`]). The other workers
 //! are Pingora background services that only lend their runtime.
 //!
 //! With `worker_cpu_affinity: true`, worker `i` is pinned to the `i`-th CPU
@@ -188,7 +188,7 @@ impl<A: ServerApp> Workers<A> {
     pub async fn serve_connection(app: &Arc<A>, mut stream: Stream, shutdown: &ShutdownWatch) {
         // This thread serves requests: let it keep body buffers.
         #[cfg(not(target_env = "msvc"))]
-        crate::body_buffers::enable_on_this_thread();
+        super::allocator::enable_on_this_thread();
         while let Some(reused) = app.process_new(stream, shutdown).await {
             stream = reused;
         }

@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use crate::reload::{Attempt, Outcome, Reloader, Trigger};
+use super::reload::{Attempt, Outcome, Reloader, Trigger};
 
 pub fn router(reloader: Arc<Reloader>) -> Router {
     Router::new()
@@ -119,7 +119,7 @@ async fn config(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
 
 async fn stats(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
     axum::Json(json!({
-        "in_flight": crate::shutdown::in_flight(),
+        "in_flight": super::shutdown::in_flight(),
         "version": reloader.current().load().version,
     }))
 }

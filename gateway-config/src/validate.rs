@@ -14,8 +14,9 @@ use super::raw::{
     RawPlugin, RawRoute, RawService, RawTimeouts,
 };
 use super::{
-    Config, ConfigError, Downstream, HeaderEdits, HeadersPluginConfig, HealthSettings,
-    OutlierSettings, PluginConfig, RouteConfig, ServiceConfig, Timeouts, defaults,
+    Config, ConfigError, CustomPluginConfig, CustomPlugins, Downstream, HeaderEdits,
+    HeadersPluginConfig, HealthSettings, OutlierSettings, PluginConfig, RouteConfig, ServiceConfig,
+    Timeouts, defaults,
 };
 
 /// Paths the gateway answers itself; a route may not take them.
@@ -35,7 +36,10 @@ impl Problems {
     }
 }
 
-pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
+pub(super) fn validate(
+    raw: RawConfig,
+    custom: &dyn CustomPlugins,
+) -> Result<Config, Vec<ConfigError>> {
     let mut problems = Problems::default();
 
     let listen = socket_addr(&raw.listen, "listen", &mut problems);
@@ -79,6 +83,14 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         Some(grace) => grace.value.0,
         None => defaults::SHUTDOWN_GRACE,
     };
+    let dns_refresh = match &raw.dns_refresh {
+        Some(refresh) if refresh.value.0.is_zero() => {
+            problems.at(refresh, "dns_refresh must be greater than zero");
+            refresh.value.0
+        }
+        Some(refresh) => refresh.value.0,
+        None => defaults::DNS_REFRESH,
+    };
     let base_health = health_settings(&raw.health_check, None, &mut problems);
     if raw.services.value.is_empty() {
         problems.at(&raw.services, "at least one service is required");
@@ -89,7 +101,12 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         .iter()
         .map(|(name, service)| service_config(name, service, &base_health, &mut problems))
         .collect();
-    let routes = routes(&raw.routes.value, &raw.services.value, &mut problems);
+    let routes = routes(
+        &raw.routes.value,
+        &raw.services.value,
+        custom,
+        &mut problems,
+    );
 
     if !problems.0.is_empty() {
         problems.0.sort_by_key(|e| (e.line, e.column));
@@ -104,6 +121,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
         preserve_header_case: raw.preserve_header_case.unwrap_or(false),
         downstream,
         shutdown_grace,
+        dns_refresh,
         services,
         routes,
     })
@@ -399,6 +417,7 @@ pub fn segment_prefix_of(prefix: &str, path: &str) -> bool {
 fn routes(
     raw: &[RawRoute],
     services: &BTreeMap<String, RawService>,
+    custom: &dyn CustomPlugins,
     problems: &mut Problems,
 ) -> Vec<RouteConfig> {
     let mut seen: HashMap<&str, u64> = HashMap::new();
@@ -451,7 +470,7 @@ fn routes(
         let plugins = route
             .plugins
             .iter()
-            .map(|plugin| plugin_config(prefix, &route.prefix, plugin, problems))
+            .filter_map(|plugin| plugin_config(prefix, plugin, custom, problems))
             .collect();
         routes.push(RouteConfig {
             prefix: prefix.clone(),
@@ -466,11 +485,11 @@ fn routes(
 
 fn plugin_config(
     prefix: &str,
-    place: &Spanned<String>,
-    raw: &RawPlugin,
+    place: &Spanned<RawPlugin>,
+    custom: &dyn CustomPlugins,
     problems: &mut Problems,
-) -> PluginConfig {
-    match raw {
+) -> Option<PluginConfig> {
+    let plugin = match &place.value {
         RawPlugin::Headers(headers) => {
             let mut edits = |raw: &RawHeaderEdits, side: &str| {
                 let mut out = HeaderEdits::default();
@@ -499,5 +518,30 @@ fn plugin_config(
                 response: edits(&headers.response, "response"),
             })
         }
-    }
+        RawPlugin::Custom { name, settings } => match custom.check(name, settings) {
+            Some(Ok(())) => PluginConfig::Custom(CustomPluginConfig {
+                name: name.clone(),
+                settings: settings.clone(),
+                line: place.referenced.line(),
+                column: place.referenced.column(),
+            }),
+            Some(Err(why)) => {
+                problems.at(place, format!("route {prefix}: plugin {name}: {why}"));
+                return None;
+            }
+            None => {
+                let mut known = vec!["headers".to_owned()];
+                known.extend(custom.names());
+                problems.at(
+                    place,
+                    format!(
+                        "route {prefix}: unknown plugin {name:?} (plugins: {})",
+                        known.join(", ")
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    Some(plugin)
 }

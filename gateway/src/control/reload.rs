@@ -1,5 +1,5 @@
 //! Hot reload: the configuration file is watched and re-applied while the
-//! gateway serves.
+//! gateway serves; so are the instance sets discovery reports.
 //!
 //! Triggers: a change in the file's directory (inotify through `notify`,
 //! which sees in-place writes, editors' write-and-rename and Kubernetes'
@@ -16,6 +16,12 @@
 //! version they started with. Settings that need a restart (the listen
 //! addresses, the thread count and mode, the shutdown grace) are reported,
 //! not silently ignored.
+//!
+//! A version is the file *and* the instance sets: a reload whose file is
+//! unchanged but whose discovery result changed publishes a new version,
+//! one where neither changed is `unchanged`. Between reloads, every change
+//! a discovery source pushes is published the same way
+//! ([`Reloader::follow_membership`], trigger `discovery`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,9 +29,11 @@ use std::time::{Duration, SystemTime};
 
 use notify::Watcher;
 
+use super::discovery::{Membership, MembershipView};
+use super::health::HealthRegistry;
+use super::snapshot::{CurrentSnapshot, Snapshot};
 use crate::config::{self, Config, ConfigErrors};
-use crate::health::HealthRegistry;
-use crate::snapshot::{CurrentSnapshot, Snapshot};
+use crate::policy::plugins::PluginRegistry;
 
 /// Quiet time after the last file event before reloading: editors write in
 /// several steps, and one reload per save is enough.
@@ -35,6 +43,9 @@ pub const DEBOUNCE_LIMIT: Duration = Duration::from_millis(500);
 /// How often the file is compared with what is loaded even without events
 /// (bind mounts and network filesystems may send none).
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Quiet time after a discovery change before publishing: a source that
+/// reports several instances one by one makes one version, not several.
+pub const MEMBERSHIP_DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// What started a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +54,8 @@ pub enum Trigger {
     File,
     Signal,
     Admin,
+    /// A discovery source reported a changed instance set.
+    Discovery,
 }
 
 impl Trigger {
@@ -52,6 +65,7 @@ impl Trigger {
             Trigger::File => "file",
             Trigger::Signal => "sighup",
             Trigger::Admin => "admin",
+            Trigger::Discovery => "discovery",
         }
     }
 }
@@ -65,7 +79,7 @@ pub enum Outcome {
         /// Edited settings that only a restart applies.
         restart_required: Vec<String>,
     },
-    /// The file says what is already running.
+    /// The file and the instance sets say what is already running.
     Unchanged { version: u64 },
     /// The file is invalid; the running version keeps serving.
     Rejected(ConfigErrors),
@@ -86,6 +100,8 @@ pub struct Reloader {
     path: PathBuf,
     current: Arc<CurrentSnapshot>,
     registry: Arc<HealthRegistry>,
+    membership: Arc<Membership>,
+    plugins: PluginRegistry,
     /// The settings the process was started with (restart-only ones).
     started_with: Config,
     /// One reload at a time.
@@ -101,6 +117,8 @@ impl Reloader {
         path: &Path,
         current: Arc<CurrentSnapshot>,
         registry: Arc<HealthRegistry>,
+        membership: Arc<Membership>,
+        plugins: PluginRegistry,
         loaded_bytes: Option<Vec<u8>>,
     ) -> Self {
         let started_with = current.load().config.clone();
@@ -108,6 +126,8 @@ impl Reloader {
             path: path.to_owned(),
             current,
             registry,
+            membership,
+            plugins,
             started_with,
             running: tokio::sync::Mutex::new(LoadedBytes(loaded_bytes)),
             last: Mutex::new(None),
@@ -141,10 +161,15 @@ impl Reloader {
             return None;
         }
         let started = std::time::Instant::now();
-        let outcome = self.attempt().await;
+        let outcome = self.attempt(forced).await;
         if matches!(outcome, Outcome::Applied { .. } | Outcome::Unchanged { .. }) {
             loaded.0 = bytes;
         }
+        self.record(trigger, started, &outcome);
+        Some(outcome)
+    }
+
+    fn record(&self, trigger: Trigger, started: std::time::Instant, outcome: &Outcome) {
         let attempt = Attempt {
             at: SystemTime::now(),
             trigger,
@@ -153,42 +178,108 @@ impl Reloader {
         };
         log(&attempt);
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(attempt);
-        Some(outcome)
     }
 
-    async fn attempt(&self) -> Outcome {
+    /// Loads the file; asks discovery for the sets of its services (with
+    /// `restart`, every source starts afresh: names are resolved again);
+    /// publishes a version if either differs from the running one.
+    async fn attempt(&self, restart: bool) -> Outcome {
         let path = self.path.clone();
-        // Loading resolves host names: blocking work, off the async threads.
-        let loaded = match tokio::task::spawn_blocking(move || config::load(&path)).await {
-            Ok(loaded) => loaded,
-            Err(err) => return Outcome::Failed(format!("loading task failed: {err}")),
-        };
+        let plugins = self.plugins.clone();
+        // Loading resolves the listen addresses: blocking work, off the
+        // async threads.
+        let loaded =
+            match tokio::task::spawn_blocking(move || config::load_with(&path, &plugins)).await {
+                Ok(loaded) => loaded,
+                Err(err) => return Outcome::Failed(format!("loading task failed: {err}")),
+            };
         let mut config = match loaded {
             Ok(config) => config,
             Err(errors) => return Outcome::Rejected(errors),
         };
         let running = self.current.load();
         let restart_required = self.keep_restart_only_settings(&mut config);
-        if config == running.config {
+        let membership = match self.membership.reconcile(&config, restart).await {
+            Ok(membership) => membership,
+            Err(err) => return Outcome::Failed(err.to_string()),
+        };
+        if config == running.config && membership == running.membership {
             return Outcome::Unchanged {
                 version: running.version,
             };
         }
+        match self.publish(config, membership, &running).await {
+            Ok(version) => Outcome::Applied {
+                version,
+                restart_required,
+            },
+            Err(reason) => Outcome::Failed(reason),
+        }
+    }
+
+    /// Builds the version after `running` and publishes it once its new
+    /// instances had their first check (so a new service or instance does
+    /// not start with 503s).
+    async fn publish(
+        &self,
+        config: Config,
+        membership: MembershipView,
+        running: &Snapshot,
+    ) -> Result<u64, String> {
         let version = running.version + 1;
-        let snapshot = match Snapshot::build(config, version, &self.registry).await {
-            Ok(snapshot) => snapshot,
-            Err(err) => return Outcome::Failed(err.to_string()),
-        };
-        // New instances get their first check before the version goes live,
-        // so a route to a new service does not start with 503s.
+        let snapshot = Snapshot::build(
+            config,
+            membership,
+            version,
+            &self.registry,
+            &self.plugins,
+            Some(running),
+        )
+        .map_err(|err| err.to_string())?;
         self.registry
             .first_checks_done(first_check_wait(&snapshot.config))
             .await;
         self.current.publish(snapshot);
-        Outcome::Applied {
-            version,
-            restart_required,
+        Ok(version)
+    }
+
+    /// Publishes a version each time a discovery source reports a changed
+    /// set (the running configuration, the new sets); runs until the
+    /// runtime stops.
+    pub fn follow_membership(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        let reloader = Arc::clone(self);
+        runtime.spawn(async move {
+            loop {
+                reloader.membership.changed().await;
+                tokio::time::sleep(MEMBERSHIP_DEBOUNCE).await;
+                reloader.republish().await;
+            }
+        });
+    }
+
+    /// The running configuration on the current instance sets, if they
+    /// differ from the running version's.
+    pub async fn republish(&self) -> Option<Outcome> {
+        let _one_at_a_time = self.running.lock().await;
+        let running = self.current.load();
+        let mut membership = self.membership.current();
+        membership.retain(|service, _| running.config.service(service).is_some());
+        if membership == running.membership {
+            return None;
         }
+        let started = std::time::Instant::now();
+        let outcome = match self
+            .publish(running.config.clone(), membership, &running)
+            .await
+        {
+            Ok(version) => Outcome::Applied {
+                version,
+                restart_required: Vec::new(),
+            },
+            Err(reason) => Outcome::Failed(reason),
+        };
+        self.record(Trigger::Discovery, started, &outcome);
+        Some(outcome)
     }
 
     /// Puts back the settings a running process cannot change, and says

@@ -2,10 +2,13 @@
 //! `gateway.yaml`, and how to get one.
 //!
 //! Two layers: [`raw`] mirrors the file (serde, unknown keys rejected) and
-//! [`validate`] checks it as a whole and builds a [`Config`] (no serde),
+//! `validate` checks it as a whole and builds a [`Config`] (no serde),
 //! reporting every problem at once with its line and column. Only a
 //! validated `Config` is ever used by the gateway; `gateway check FILE`, the
-//! start-up and every hot reload go through the same [`load`].
+//! start-up and every hot reload go through the same [`load_with`].
+//!
+//! A crate of its own, without Pingora, so that tools which only read the
+//! file (the `stack` launcher) do not build the proxy.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -70,6 +73,10 @@ pub mod defaults {
     /// In-flight requests may finish for this long after SIGTERM; well under
     /// the 30 s orchestrators usually wait before SIGKILL.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Host names in `instances` are resolved again this often: DNS changes
+    /// (a container replaced, a failover record) are followed within half
+    /// a minute, at one lookup per name per half minute.
+    pub const DNS_REFRESH: Duration = Duration::from_secs(30);
 }
 
 /// A validated gateway configuration.
@@ -93,6 +100,8 @@ pub struct Config {
     pub downstream: Downstream,
     /// Whole seconds (Pingora counts in seconds).
     pub shutdown_grace: Duration,
+    /// How often host names in `instances` lists are resolved again.
+    pub dns_refresh: Duration,
     /// Sorted by name.
     pub services: Vec<ServiceConfig>,
     /// In file order; lookup is by longest prefix, not by order.
@@ -167,6 +176,62 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PluginConfig {
     Headers(HeadersPluginConfig),
+    /// A plugin registered by the program (not built in), with its settings
+    /// as written; [`CustomPlugins::check`] accepted them.
+    Custom(CustomPluginConfig),
+}
+
+impl PluginConfig {
+    /// The plugin's name, as its key in the file.
+    pub fn name(&self) -> &str {
+        match self {
+            PluginConfig::Headers(_) => "headers",
+            PluginConfig::Custom(custom) => &custom.name,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CustomPluginConfig {
+    pub name: String,
+    /// The value under the plugin's key, as JSON (`null` when empty).
+    pub settings: serde_json::Value,
+    /// Where it is written, for errors found when it is built.
+    pub line: u64,
+    pub column: u64,
+}
+
+/// Equal settings make equal plugins wherever they are written: moving a
+/// route in the file does not make its plugins new (they keep their state
+/// across a reload).
+impl PartialEq for CustomPluginConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.settings == other.settings
+    }
+}
+
+/// The plugins a program adds to the built-in ones, as validation sees
+/// them: their names, and a check of their settings.
+pub trait CustomPlugins {
+    /// `None` if there is no plugin called `name`; else whether `settings`
+    /// are valid for it (`Err`: what is wrong, reported at the plugin's
+    /// place in the file).
+    fn check(&self, name: &str, settings: &serde_json::Value) -> Option<Result<(), String>>;
+    /// Every name, for the error about an unknown one.
+    fn names(&self) -> Vec<String>;
+}
+
+/// Built-in plugins only: any other name is an error.
+pub struct BuiltinOnly;
+
+impl CustomPlugins for BuiltinOnly {
+    fn check(&self, _name: &str, _settings: &serde_json::Value) -> Option<Result<(), String>> {
+        None
+    }
+
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -217,11 +282,18 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Reads, parses and validates the file at `path`. May resolve the listen
-/// addresses (blocking): call it off the request path. Instance host names
-/// are not resolved here but by discovery, so a file's validity does not
-/// depend on the DNS of the machine checking it.
+/// Reads, parses and validates the file at `path`, with the built-in
+/// plugins only. May resolve the listen addresses (blocking): call it off
+/// the request path. Instance host names are not resolved here but by
+/// discovery, so a file's validity does not depend on the DNS of the
+/// machine checking it.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, &BuiltinOnly)
+}
+
+/// [`load`], where plugins other than the built-in ones may be used if
+/// `custom` knows them.
+pub fn load_with(path: &Path, custom: &dyn CustomPlugins) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|err| ConfigErrors {
         file: file.clone(),
@@ -231,11 +303,20 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message: format!("cannot read the file: {err}"),
         }],
     })?;
-    parse(&text, &file)
+    parse_with(&text, &file, custom)
 }
 
 /// Parses and validates configuration text; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    parse_with(text, file, &BuiltinOnly)
+}
+
+/// [`parse`], with the plugins `custom` knows.
+pub fn parse_with(
+    text: &str,
+    file: &str,
+    custom: &dyn CustomPlugins,
+) -> Result<Config, ConfigErrors> {
     let errors = |errors| ConfigErrors {
         file: file.to_owned(),
         errors,
@@ -257,7 +338,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             message: yaml_message(&err),
         }])
     })?;
-    validate::validate(raw).map_err(errors)
+    validate::validate(raw, custom).map_err(errors)
 }
 
 /// serde-saphyr's message without its own location suffix (we print the

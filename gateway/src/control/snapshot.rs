@@ -3,10 +3,12 @@
 //!
 //! A [`Snapshot`] holds everything the request path needs: the route table,
 //! each route's upstream and plugin chain. It is built off the request path
-//! (discovery, health reconciliation, plugin construction) and then
-//! published with one atomic swap. A request takes an `Arc` of the current
-//! snapshot when it starts and keeps it to the end, so it finishes on the
-//! version it started with whatever is swapped in meanwhile.
+//! from a validated `Config` and the instance sets discovery reported
+//! (health reconciliation, balancers, plugins kept from the previous
+//! version where unchanged), then published with one atomic swap. A
+//! request takes the current snapshot when it starts and keeps it to the
+//! end, so it finishes on the version it started with whatever is swapped
+//! in meanwhile.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,14 +16,15 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use super::discovery::MembershipView;
+use super::health::HealthRegistry;
 use crate::config::Config;
-use crate::discovery::{self, DiscoveryError, Instance};
-use crate::health::HealthRegistry;
-use crate::plugins::{self, PluginChain};
-use crate::routing::RouteTable;
-use crate::upstream::Upstream;
+use crate::policy::plugins::{PluginChain, PluginRegistry};
+use crate::policy::routing::RouteTable;
+use crate::policy::upstream::Upstream;
 
 pub struct Route {
+    /// As written in the file.
     pub prefix: String,
     pub strip_prefix: Option<String>,
     /// Largest request body accepted (413 beyond).
@@ -31,9 +34,11 @@ pub struct Route {
 }
 
 pub struct Snapshot {
-    /// Starts at 1; each successful reload adds one.
+    /// Starts at 1; each published version adds one.
     pub version: u64,
     pub config: Config,
+    /// The instance sets it was built from.
+    pub membership: MembershipView,
     pub loaded_at: SystemTime,
     pub routes: RouteTable<Route>,
     /// Sorted by name.
@@ -42,42 +47,44 @@ pub struct Snapshot {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error(transparent)]
-    Discovery(#[from] DiscoveryError),
     #[error("service {service}: cannot build its load balancer: {source}")]
     Balancer {
         service: String,
         source: std::io::Error,
     },
+    #[error("route {route}: {reason}")]
+    Plugin { route: String, reason: String },
 }
 
 impl Snapshot {
-    /// Builds version `version` of `config`: asks each service's discovery
-    /// for its instances, brings the health probers in line (new instances
-    /// start out of rotation until checked) and builds balancers and
-    /// plugins.
-    pub async fn build(
+    /// Builds version `version` of `config` over the instance sets of
+    /// `membership`: brings the health probers in line (new instances
+    /// start out of rotation until checked), builds balancers, and builds
+    /// the plugins, keeping those of `previous` whose route and settings
+    /// did not change.
+    pub fn build(
         config: Config,
+        membership: MembershipView,
         version: u64,
         registry: &HealthRegistry,
+        plugins: &PluginRegistry,
+        previous: Option<&Snapshot>,
     ) -> Result<Snapshot, BuildError> {
-        let mut discovered: Vec<Vec<Instance>> = Vec::with_capacity(config.services.len());
-        for service in &config.services {
-            discovered.push(discovery::for_service(service).discover().await?);
-        }
+        let no_instances = Arc::from([]);
+        let instances_of = |name: &str| membership.get(name).unwrap_or(&no_instances);
         let wanted: Vec<_> = config
             .services
             .iter()
-            .zip(&discovered)
-            .map(|(service, instances)| {
-                (service.name.as_str(), instances.as_slice(), &service.health)
+            .map(|service| {
+                let instances: &[_] = instances_of(&service.name);
+                (service.name.as_str(), instances, &service.health)
             })
             .collect();
         let health = registry.reconcile(&wanted);
 
         let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
-        for (service, instances) in config.services.iter().zip(&discovered) {
-            let handles = instances
+        for service in &config.services {
+            let handles = instances_of(&service.name)
                 .iter()
                 .filter_map(|i| health.get(&(service.name.clone(), i.socket)).cloned())
                 .collect();
@@ -88,27 +95,41 @@ impl Snapshot {
                 })?;
             upstreams.insert(service.name.as_str(), Arc::new(upstream));
         }
-        let routes = RouteTable::new(config.routes.iter().filter_map(|route| {
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
             // Validation guarantees the service exists.
-            let upstream = upstreams.get(route.service.as_str())?;
-            Some((
+            let Some(upstream) = upstreams.get(route.service.as_str()) else {
+                continue;
+            };
+            let previous_chain = previous
+                .and_then(|p| p.routes.lookup_prefix(&route.prefix))
+                .map(|r| &r.plugins);
+            let chain =
+                PluginChain::build(&route.plugins, previous_chain, plugins).map_err(|reason| {
+                    BuildError::Plugin {
+                        route: route.prefix.clone(),
+                        reason,
+                    }
+                })?;
+            routes.push((
                 route.prefix.clone(),
                 Route {
                     prefix: route.prefix.clone(),
                     strip_prefix: route.strip_prefix.clone(),
                     max_body_size: route.max_body_size,
                     upstream: Arc::clone(upstream),
-                    plugins: route.plugins.iter().map(plugins::build).collect(),
+                    plugins: chain,
                 },
-            ))
-        }));
+            ));
+        }
         let mut upstreams: Vec<Arc<Upstream>> = upstreams.into_values().collect();
         upstreams.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Snapshot {
             version,
             config,
+            membership,
             loaded_at: SystemTime::now(),
-            routes,
+            routes: RouteTable::new(routes),
             upstreams,
         })
     }
