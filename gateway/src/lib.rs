@@ -13,6 +13,8 @@
 //!   and for programs that add their own plugins.
 
 pub use gateway_config as config;
+/// The Pingora the gateway is built on, for plugins (its header types).
+pub use pingora;
 
 pub mod cli;
 pub mod control;

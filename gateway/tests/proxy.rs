@@ -535,3 +535,60 @@ async fn header_names_go_lowercase_unless_their_case_is_preserved() {
         assert!(answer.contains("\r\nContent-Length: 2\r\n"), "{answer}");
     }
 }
+
+/// `work_stealing: true` (one runtime whose two threads steal tasks, and
+/// Pingora's shared pool path through the gateway's): concurrent clients
+/// on kept-alive connections, balancing, a streamed body both ways, a
+/// plugin, and a retry after a dead instance, all as in the default mode.
+#[tokio::test]
+async fn work_stealing_serves_as_the_default_layout_does() {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    let dead = Backend::start("dead");
+    let gateway = GatewayProcess::start(&format!(
+        "work_stealing: true\nhealth_check: {{ interval: 60s }}\nservices:\n  s: {{ instances: [\"{}\", \"{}\", \"{}\"] }}\nroutes:\n  - prefix: /\n    service: s\n    plugins:\n      - headers: {{ response: {{ set: {{ x-mode: stealing }} }} }}\n",
+        a.addr, b.addr, dead.addr
+    ))
+    .await;
+    dead.kill();
+    let client = client();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        let url = gateway.url("/describe");
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..25 {
+                let response = client.get(&url).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                assert_eq!(response.headers()["x-mode"], "stealing");
+                let body: Value = response.json().await.unwrap();
+                seen.push(body["backend"].as_str().unwrap().to_owned());
+            }
+            seen
+        }));
+    }
+    let mut counts = std::collections::HashMap::new();
+    for task in tasks {
+        for backend in task.await.unwrap() {
+            *counts.entry(backend).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(counts.values().sum::<i32>(), 200);
+    assert!(!counts.contains_key("dead"), "{counts:?}");
+    assert!(
+        counts["a"] > 40 && counts["b"] > 40,
+        "both serve: {counts:?}"
+    );
+
+    let body = vec![b'x'; 1 << 20];
+    let response = client
+        .post(gateway.url("/upload"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen: Value = response.json().await.unwrap();
+    assert_eq!(seen["bytes"], 1 << 20);
+}

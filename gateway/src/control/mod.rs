@@ -24,6 +24,8 @@ pub mod health;
 pub mod reload;
 pub mod shutdown;
 pub mod snapshot;
+#[cfg(test)]
+mod tests;
 
 use discovery::{DiscoveryError, DiscoveryProvider, Membership};
 use health::HealthRegistry;

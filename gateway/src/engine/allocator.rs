@@ -6,9 +6,8 @@
 //! size) and frees it with the session, even when the body is 13 bytes.
 //! jemalloc's thread cache stops at 32 KiB (its `tcache_max` cannot go
 //! higher with 4 KiB pages), so each of these goes to the arena: a large
-//! extent taken, split and registered, then given back and coalesced.
-//! On the bench that was 3 % of the gateway's CPU samples
-//! (`bench/notes.md`).
+//! extent taken, split and registered, then given back and coalesced
+//! (its cost is in `bench/notes.md`).
 //!
 //! This allocator keeps up to [`SLOTS`] such blocks per worker thread and
 //! hands them out again: a push and a pop on a thread-local array. Every
@@ -21,6 +20,10 @@
 //! A global allocator is `unsafe` by nature: this module is the second
 //! place the workspace's `unsafe_code = "deny"` is lifted, each block with
 //! its reason.
+//!
+//! Upstream change that would delete this file: pingora-core's HTTP/1
+//! client keeping its body buffer with the session (or sizing it to the
+//! body), instead of a fresh 64 KiB allocation per response.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout};

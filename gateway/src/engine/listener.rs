@@ -1,5 +1,8 @@
 //! The client side of the proxy: a wrapper around the proxy app that limits
-//! open client connections.
+//! open client connections and hands each one to its worker.
+//!
+//! Upstream change that would delete the limit: a maximum of open
+//! connections in Pingora's listening service (it has none).
 //!
 //! Slow clients are handled by the proxy itself: reading a request header
 //! has a total deadline there (`downstream.header_timeout`, from the

@@ -9,6 +9,10 @@
 //! whole and in order, and appear within [`FLUSH_INTERVAL`] (as nginx's
 //! `access_log ... buffer= flush=`). [`flush`] writes out what is left
 //! before the process exits.
+//!
+//! Not a Pingora workaround: `tracing-appender`'s non-blocking writer is
+//! the channel-and-thread design above. A buffered, timer-flushed writer in
+//! `tracing-appender` would delete this file.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -5,8 +5,7 @@
 //! epoll). Handed to another worker as it is, the connection's task runs
 //! there, but each time its socket becomes readable the event arrives at
 //! worker 0, which wakes the task on the other thread across threads (an
-//! `eventfd` write, a wake-up of that thread): measured, 0.58 such writes
-//! per proxied request at two workers, nearly all from worker 0.
+//! `eventfd` write, a wake-up of that thread; measured in `bench/notes.md`).
 //!
 //! [`rehome`] re-registers the socket on the serving worker: it duplicates
 //! the descriptor, registers the duplicate there, and drops the accepted
@@ -16,9 +15,14 @@
 //! crate-private call), so [`WorkerStream`] adds the write buffer its
 //! listener would have: a response's header and a small body go out in one
 //! `send`, as on worker 0. Reads go straight into Pingora's request buffer.
+//!
+//! Upstream change that would delete this file: a way to build Pingora's
+//! `Stream` from an accepted socket on the serving runtime with the
+//! listener's buffers (a public counterpart of its crate-private setup),
+//! or a listener per worker thread (`SO_REUSEPORT`).
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -50,7 +54,7 @@ pub fn rehome(stream: Stream) -> Stream {
     if tcp != Some(true) {
         return stream;
     }
-    match WorkerStream::duplicate(accepted.as_raw_fd()) {
+    match WorkerStream::duplicate(accepted) {
         // `stream` is dropped here: out of the accepting thread's epoll,
         // its descriptor closed.
         Ok(moved) => Box::new(moved),
@@ -67,12 +71,12 @@ pub fn rehome(stream: Stream) -> Stream {
 pub struct WorkerStream(BufWriter<L4Stream>);
 
 impl WorkerStream {
-    /// A stream over a duplicate of `fd`, a connected TCP socket, on the
-    /// current runtime.
-    fn duplicate(fd: RawFd) -> io::Result<Self> {
+    /// A stream over a duplicate of `accepted`'s socket (connected TCP), on
+    /// the current runtime.
+    fn duplicate(accepted: &L4Stream) -> io::Result<Self> {
         // Already non-blocking, as tokio requires: the duplicate shares the
         // accepted socket's file status flags.
-        let socket = std::net::TcpStream::from(duplicate_descriptor(fd)?);
+        let socket = std::net::TcpStream::from(duplicate_descriptor(accepted)?);
         let mut stream = L4Stream::from(tokio::net::TcpStream::from_std(socket)?);
         let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
         stream.set_socket_digest(digest);
@@ -87,12 +91,20 @@ impl WorkerStream {
     }
 }
 
-/// A new descriptor (close-on-exec) for the socket `fd` refers to.
+/// A new descriptor (close-on-exec) for the socket `owner` holds.
+///
+/// Pingora's stream gives its descriptor only as a `RawFd` (it implements
+/// `AsRawFd`, not `AsFd`), so the descriptor is borrowed from a raw number
+/// here, and only here. The parameter is Pingora's concrete stream, not
+/// any `AsRawFd`: that one owns the socket it names, so the borrow below
+/// is sound; an arbitrary `AsRawFd` could name a descriptor it does not
+/// own. (`impl AsFd for Stream` upstream would make this safe code.)
 #[allow(unsafe_code)]
-fn duplicate_descriptor(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: `fd` belongs to a stream the caller holds, alive for this
-    // whole call; it is only borrowed to be duplicated.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+fn duplicate_descriptor(owner: &L4Stream) -> io::Result<OwnedFd> {
+    // SAFETY: the descriptor is the socket `owner` owns; `owner` is
+    // borrowed (neither closed nor dropped) for this whole call, and the
+    // borrowed descriptor does not outlive the call.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(owner.as_raw_fd()) };
     borrowed.try_clone_to_owned()
 }
 

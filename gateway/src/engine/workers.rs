@@ -11,20 +11,18 @@
 //! With `worker_cpu_affinity: true`, worker `i` is pinned to the `i`-th CPU
 //! the process may run on ([`CpuPlan`]), as nginx's `worker_cpu_affinity
 //! auto`: worker 0 when it accepts its first connection, the others when
-//! their runtime starts. Two unpinned workers of one process are now and
-//! then put on the same core by the scheduler while the other core runs
-//! something else, and their connections wait: on the bench's shared
-//! two-core machine, pinning shortened the gateway's p99 (`bench/notes.md`).
+//! their runtime starts. Unpinned, the scheduler now and then puts two
+//! workers on one core while the other runs something else, and their
+//! connections wait (`bench/notes.md`).
 //!
-//! Why not Pingora's own no-steal runtime (one service over several
-//! single-thread runtimes): it places connections on random threads, which
-//! is fine, but its connection pool is shared and pingora-core spawns the
-//! watch task of each idle pooled connection on a random thread, so about
-//! half the requests wake the other thread when they release and reuse an
-//! upstream connection (measured at two threads: five times the voluntary
-//! context switches per request of one work-stealing runtime). Two workers
-//! this way spent less CPU per request on the bench than either layout
-//! (`bench/notes.md`).
+//! Not Pingora's own no-steal runtime (one service over several
+//! single-thread runtimes): its connection pool is shared, and pingora-core
+//! spawns each idle pooled connection's watch task on a random thread, so
+//! about half the requests wake the other thread (`bench/notes.md`).
+//!
+//! Upstream change that would delete this file: Pingora's no-steal runtime
+//! with a connection pool per thread and connections kept on the thread
+//! that accepted them (or a listener per thread).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once, OnceLock};

@@ -1,10 +1,10 @@
-//! Standard proxy headers: request ids, `X-Forwarded-*`, and hop-by-hop
-//! fields on responses.
+//! Standard proxy headers: request ids, `X-Forwarded-*`, the copies of
+//! each header for the other side, and hop-by-hop fields.
 //!
-//! Request side hop-by-hop fields (`Connection` and what it names,
-//! `Keep-Alive`, `TE`, `Upgrade` outside WebSocket, ...) are already
-//! removed by Pingora's standard upstream request policy; the response side
-//! is done here.
+//! Hop-by-hop fields (`Connection` and what it names, `Keep-Alive`, `TE`,
+//! `Upgrade` outside WebSocket, ...) are removed here on both sides:
+//! [`sanitize_request`] before a request goes upstream, [`strip_hop_by_hop`]
+//! before a response goes to the client.
 
 use std::net::IpAddr;
 use std::sync::OnceLock;

@@ -3,9 +3,9 @@
 //! With the plain text format (no colours: the usual case, stdout is not a
 //! terminal), the line is formatted here, byte for byte as
 //! `tracing_subscriber`'s plain format would write it, and appended to the
-//! log buffer (`engine::log_buffer`): about 1.5 µs per request where going
-//! through `tracing` took 2.5 (`bench/notes.md`). Otherwise it goes through
-//! `tracing` like every other line.
+//! log buffer (`engine::log_buffer`), for about half of what going through
+//! `tracing` costs (`bench/notes.md`). Otherwise it goes through `tracing`
+//! like every other line.
 
 use std::net::SocketAddr;
 
@@ -87,9 +87,7 @@ impl AccessLine<'_> {
     }
 
     /// Formatted here, byte for byte as `tracing_subscriber`'s plain format
-    /// writes [`Self::trace`], and appended to the log buffer: about 1.5 µs
-    /// per request where `tracing` took 2.5 (measured, `bench/notes.md`).
-    /// No `fmt` on the common path: numbers through `itoa`, an IPv4
+    /// writes [`Self::trace`], and appended to the log buffer. No `fmt` on the common path: numbers through `itoa`, an IPv4
     /// upstream by hand, strings quoted as `{:?}` would when nothing in
     /// them needs escaping (else `fmt` escapes them).
     fn append(&self) {

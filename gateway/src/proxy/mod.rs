@@ -18,9 +18,8 @@
 //!
 //! Not pingora-proxy's `ProxyHttp`: its per-request machinery (module
 //! contexts, two task channels and a task pair per request, cache hooks)
-//! cost 5–8 µs of CPU per request on the bench, about a quarter of a
-//! proxied request, for features this gateway does not use
-//! (`bench/notes.md`). The protocol work (parsing, framing, keep-alive,
+//! costs about a quarter of a proxied request's CPU, for features this
+//! gateway does not use (`bench/notes.md`). The protocol work (parsing, framing, keep-alive,
 //! body streaming, connecting) is still Pingora's.
 
 use std::sync::Arc;
