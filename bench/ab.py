@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Paired A/B rounds of two gateway variants: the cost of a change or a feature.
+
+A variant is a gateway binary and what its configuration adds: top-level
+lines (`--a-extra`), the route's plugin list (`--a-plugins`) and the
+request's headers (`--a-header`). Each variant runs as its own process
+with its own bench-hello backend, both started before the first round and
+kept to the end. Each pair of rounds runs A then B, or B then A
+(alternating), with the same oha load; the figures compared are ratios
+B/A within a pair, so the machine's drift between pairs cancels out.
+
+Prints, and saves in bench/results/ab-<label>-<time>.json: per pair the
+CPU microseconds per request of the gateway process (from /proc), req/s
+and p99, and the median of the per-pair ratios with how many pairs B won.
+
+  bench/ab.sh --a-bin /tmp/gateway-before --label refactor
+  bench/ab.sh --b-plugins '[{api_key: {...}}, {rate_limit: {...}}]' --b-header 'x-api-key: k' --label security
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import bench
+
+DEFAULT_PLUGINS = "[{headers: {response: {set: {x-served-by: bench}}}}]"
+
+
+def config(port, admin, backend, threads, extra, plugins):
+    pin = "worker_cpu_affinity: true\n" if bench.AFFINITY and "work_stealing: true" not in extra else ""
+    return f"""listen: "127.0.0.1:{port}"
+admin_listen: "127.0.0.1:{admin}"
+threads: {threads}
+{pin}{extra}
+health_check: {{ path: /health, interval: 1s, timeout: 500ms }}
+services:
+  hello:
+    instances: ["127.0.0.1:{backend}"]
+routes:
+  - prefix: /
+    service: hello
+    plugins: {plugins}
+"""
+
+
+def start_variant(procs, name, binary, args, extra, plugins):
+    backend = bench.start_backend(procs, f"backend-{name}", args.backend_threads)
+    port, admin = bench.free_port(), bench.free_port()
+    path = os.path.join(bench.WORK, "conf", f"ab-{name}.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(config(port, admin, backend, args.threads, extra, plugins))
+    env = dict(os.environ, RUST_LOG=args.gateway_log)
+    proc = procs.start(f"gateway-{name}", [binary, "--config", path], env=env)
+    bench.wait_http(f"http://127.0.0.1:{port}/health")
+    return port, proc
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    release = os.path.join(bench.RELEASE, "gateway")
+    for side in ("a", "b"):
+        parser.add_argument(f"--{side}-bin", default=release, help=f"gateway binary of {side.upper()}")
+        parser.add_argument(f"--{side}-extra", default="", help="top-level gateway.yaml lines (\\n between)")
+        parser.add_argument(f"--{side}-plugins", default=DEFAULT_PLUGINS, help="the route's plugins, as YAML")
+        parser.add_argument(f"--{side}-header", action="append", default=[], help="a request header (repeatable)")
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--seconds", type=int, default=3, help="length of each oha run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2, help="gateway workers")
+    parser.add_argument("--backend-threads", type=int, default=1)
+    parser.add_argument("--path", default="/", help="request path")
+    parser.add_argument("--gateway-log", default="info", help="RUST_LOG of the gateways (info: access log on)")
+    parser.add_argument("--no-affinity", dest="affinity", action="store_false", help="leave the workers unpinned")
+    parser.add_argument("--label", default="ab", help="names the results file")
+    parser.add_argument("--smoke", action="store_true", help="one short pair (CI)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.pairs, args.seconds = 1, 1
+    bench.OHA_JSON = bench.oha_json_flag()
+    bench.AFFINITY = args.affinity
+    os.makedirs(bench.WORK, exist_ok=True)
+    os.makedirs(bench.RESULTS, exist_ok=True)
+
+    procs = bench.Processes()
+    pairs = []
+    try:
+        sides = {}
+        for side in ("a", "b"):
+            extra = getattr(args, f"{side}_extra").replace("\\n", "\n")
+            port, proc = start_variant(procs, side, getattr(args, f"{side}_bin"), args, extra,
+                                       getattr(args, f"{side}_plugins"))
+            sides[side] = (port, proc.pid, getattr(args, f"{side}_header"))
+        for port, _, headers in sides.values():  # warm-up
+            bench.oha(f"http://127.0.0.1:{port}{args.path}", args.connections, 1, headers=headers)
+        for pair in range(args.pairs):
+            order = ("a", "b") if pair % 2 == 0 else ("b", "a")
+            results = {}
+            for side in order:
+                port, pid, headers = sides[side]
+                url = f"http://127.0.0.1:{port}{args.path}"
+                results[side] = bench.measured(
+                    lambda: bench.oha(url, args.connections, args.seconds, headers=headers), [pid])
+            a, b = results["a"], results["b"]
+            ratio = {
+                "cpu": b["cpu_us_per_request"] / a["cpu_us_per_request"] if a["cpu_us_per_request"] else 0.0,
+                "rps": b["rps"] / a["rps"] if a["rps"] else 0.0,
+                "p99": b["p99_us"] / a["p99_us"] if a["p99_us"] else 0.0,
+            }
+            pairs.append({"a": a, "b": b, "ratio": ratio})
+            bench.log(f"pair {pair + 1:>2}: A {a['rps']:>8.0f} req/s {a['cpu_us_per_request']:>5.1f} us/req "
+                      f"p99 {a['p99_us']:>6.0f} us | B {b['rps']:>8.0f} req/s {b['cpu_us_per_request']:>5.1f} us/req "
+                      f"p99 {b['p99_us']:>6.0f} us | B/A cpu x{ratio['cpu']:.3f} rps x{ratio['rps']:.3f} "
+                      f"p99 x{ratio['p99']:.3f}  failed {a['failed']}+{b['failed']}")
+    finally:
+        procs.stop()
+
+    def median(key):
+        return statistics.median(p["ratio"][key] for p in pairs)
+
+    summary = {
+        "pairs": len(pairs),
+        "cpu_ratio": median("cpu"),
+        "rps_ratio": median("rps"),
+        "p99_ratio": median("p99"),
+        "b_less_cpu": sum(p["ratio"]["cpu"] < 1 for p in pairs),
+        "b_more_rps": sum(p["ratio"]["rps"] > 1 for p in pairs),
+        "b_shorter_p99": sum(p["ratio"]["p99"] < 1 for p in pairs),
+        "a_cpu_us": statistics.median(p["a"]["cpu_us_per_request"] for p in pairs),
+        "b_cpu_us": statistics.median(p["b"]["cpu_us_per_request"] for p in pairs),
+        "a_rps": statistics.median(p["a"]["rps"] for p in pairs),
+        "b_rps": statistics.median(p["b"]["rps"] for p in pairs),
+        "failed": sum(p["a"]["failed"] + p["b"]["failed"] for p in pairs),
+    }
+    n = summary["pairs"]
+    print(f"B/A over {n} pairs (median of per-pair ratios): CPU per request x{summary['cpu_ratio']:.3f} "
+          f"(B less in {summary['b_less_cpu']} of {n}; {summary['a_cpu_us']:.1f} -> {summary['b_cpu_us']:.1f} us), "
+          f"throughput x{summary['rps_ratio']:.3f} (B more in {summary['b_more_rps']}; "
+          f"{summary['a_rps']:.0f} -> {summary['b_rps']:.0f} req/s), p99 x{summary['p99_ratio']:.3f} "
+          f"(B shorter in {summary['b_shorter_p99']}); failed {summary['failed']}")
+    if not args.smoke:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+        path = os.path.join(bench.RESULTS, f"ab-{args.label}-{stamp}.json")
+        with open(path, "w") as f:
+            json.dump({"settings": vars(args), "argv": sys.argv[1:], "environment": bench.environment(),
+                       "summary": summary, "pairs": pairs}, f, indent=2)
+        bench.log(f"wrote {path}")
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
