@@ -428,7 +428,16 @@ fn log(attempt: &Attempt) {
             version,
             restart_required,
         } => {
-            tracing::info!(trigger, version, took_ms, "configuration reloaded");
+            if attempt.trigger == Trigger::Discovery {
+                tracing::info!(
+                    trigger,
+                    version,
+                    took_ms,
+                    "instances changed: new version published"
+                );
+            } else {
+                tracing::info!(trigger, version, took_ms, "configuration reloaded");
+            }
             for note in restart_required {
                 tracing::warn!(trigger, version, "needs a restart to take effect: {note}");
             }
