@@ -17,12 +17,14 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+mod plugins;
 pub mod raw;
 #[cfg(test)]
 mod tests;
 mod validate;
 
-pub use raw::{AllUnhealthy, LoadBalancing};
+pub use ipnet::IpNet;
+pub use raw::{AllUnhealthy, BUILTIN_PLUGINS, LoadBalancing};
 pub use validate::{RESERVED_PATHS, segment_prefix_of};
 
 /// Active health-check defaults, applied where the file says nothing.
@@ -73,6 +75,17 @@ pub mod defaults {
     /// In-flight requests may finish for this long after SIGTERM; well under
     /// the 30 s orchestrators usually wait before SIGKILL.
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// `api_key`'s header, as APISIX's key-auth and most API gateways use.
+    pub const API_KEY_HEADER: &str = "x-api-key";
+    /// Clock skew allowed on a token's `exp` and `nbf`: machines drift by
+    /// seconds, not minutes.
+    pub const JWT_LEEWAY: Duration = Duration::from_secs(30);
+    /// A `jwks_url` is fetched again this often (and at once for an unknown
+    /// `kid`): identity providers rotate keys over days and publish new ones
+    /// well ahead.
+    pub const JWKS_REFRESH: Duration = Duration::from_secs(600);
+    /// Rate-limit keys tracked at once: ~100 bytes each, 10 MB at most.
+    pub const RATE_LIMIT_MAX_KEYS: usize = 100_000;
     /// Host names in `instances` are resolved again this often: DNS changes
     /// (a container replaced, a failover record) are followed within half
     /// a minute, at one lookup per name per half minute.
@@ -83,7 +96,12 @@ pub mod defaults {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// From `admin.listen` or its short form `admin_listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// The bearer token of the admin listener (`admin.token_file`).
+    pub admin_token: Option<Secret>,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
     /// Worker threads of the proxy service.
     pub threads: usize,
     /// One runtime whose `threads` steal work from each other, or (false)
@@ -176,6 +194,11 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PluginConfig {
     Headers(HeadersPluginConfig),
+    IpFilter(IpFilterConfig),
+    ApiKey(ApiKeyConfig),
+    Jwt(JwtConfig),
+    RateLimit(RateLimitConfig),
+    Cors(CorsConfig),
     /// A plugin registered by the program (not built in), with its settings
     /// as written; [`CustomPlugins::check`] accepted them.
     Custom(CustomPluginConfig),
@@ -186,9 +209,115 @@ impl PluginConfig {
     pub fn name(&self) -> &str {
         match self {
             PluginConfig::Headers(_) => "headers",
+            PluginConfig::IpFilter(_) => "ip_filter",
+            PluginConfig::ApiKey(_) => "api_key",
+            PluginConfig::Jwt(_) => "jwt",
+            PluginConfig::RateLimit(_) => "rate_limit",
+            PluginConfig::Cors(_) => "cors",
             PluginConfig::Custom(custom) => &custom.name,
         }
     }
+}
+
+/// A secret read from a file or the environment: compared like any value,
+/// never shown (`Debug` prints its length only).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+/// `ip_filter`: a client address in `deny` is refused; with `allow` not
+/// empty, so is one outside it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IpFilterConfig {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+/// `api_key`: the header, and every key (inline and from `keys_file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyConfig {
+    pub header: HeaderName,
+    pub keys: Vec<ApiKeyEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyEntry {
+    /// The consumer the key stands for.
+    pub name: String,
+    /// SHA-256 of the key.
+    pub sha256: [u8; 32],
+}
+
+/// `jwt`: what a token must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtConfig {
+    pub issuer: Option<String>,
+    /// Empty: `aud` is not checked.
+    pub audiences: Vec<String>,
+    /// As JOSE names them (`RS256`, `ES256`, `HS256`, ...).
+    pub algorithms: Vec<String>,
+    pub keys: JwtKeys,
+    pub leeway: Duration,
+    /// (claim, header it is sent upstream in).
+    pub forward_claims: Vec<(String, HeaderName)>,
+    pub forward_authorization: bool,
+}
+
+/// Where a `jwt` plugin's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtKeys {
+    /// A JWKS document, as read with the configuration.
+    Jwks { file: String, document: String },
+    /// A JWKS URL, fetched by the gateway, refreshed every `refresh`.
+    JwksUrl { url: String, refresh: Duration },
+    /// An HMAC secret from the environment variable `env`.
+    Secret { env: String, secret: Secret },
+}
+
+/// `rate_limit`: `requests` per `per` for each key, `burst` more at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    pub key: RateLimitKey,
+    pub requests: u64,
+    pub per: Duration,
+    pub burst: u64,
+    pub max_keys: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateLimitKey {
+    ClientIp,
+    /// The consumer an auth plugin before it named (else the client IP).
+    Consumer,
+    Header(HeaderName),
+}
+
+/// `cors`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsConfig {
+    /// Exact origins; empty with `any_origin`.
+    pub allow_origins: Vec<HeaderValue>,
+    pub any_origin: bool,
+    pub allow_methods: Vec<http::Method>,
+    pub allow_headers: Vec<HeaderName>,
+    pub expose_headers: Vec<HeaderName>,
+    pub max_age: Option<Duration>,
+    pub allow_credentials: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -338,7 +467,8 @@ pub fn parse_with(
             message: yaml_message(&err),
         }])
     })?;
-    validate::validate(raw, custom).map_err(errors)
+    let base_dir = Path::new(file).parent().unwrap_or(Path::new("."));
+    validate::validate(raw, custom, base_dir).map_err(errors)
 }
 
 /// serde-saphyr's message without its own location suffix (we print the

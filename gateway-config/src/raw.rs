@@ -18,6 +18,12 @@ pub struct RawConfig {
     pub listen: Spanned<String>,
     #[serde(default)]
     pub admin_listen: Option<Spanned<String>>,
+    /// The admin listener with its token (`admin_listen` is its short form).
+    #[serde(default)]
+    pub admin: Option<Spanned<RawAdmin>>,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
     /// Worker threads of the proxy; default: the number of CPUs.
     #[serde(default)]
     pub threads: Option<Spanned<usize>>,
@@ -46,6 +52,16 @@ pub struct RawConfig {
     pub dns_refresh: Option<Spanned<HumanDuration>>,
     pub services: Spanned<BTreeMap<String, RawService>>,
     pub routes: Spanned<Vec<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Spanned<String>,
+    /// A file holding the bearer token every admin endpoint but the
+    /// liveness probe requires.
+    #[serde(default)]
+    pub token_file: Option<Spanned<String>>,
 }
 
 /// Every field optional: the top-level block fills in defaults, a service's
@@ -162,11 +178,36 @@ pub struct RawRoute {
 pub enum RawPlugin {
     /// Adds, replaces or removes request and response headers.
     Headers(RawHeadersPlugin),
+    /// Allows or denies client addresses (403).
+    IpFilter(RawIpFilter),
+    /// Requires a known API key (401).
+    ApiKey(RawApiKey),
+    /// Requires a valid JSON Web Token (401).
+    Jwt(RawJwt),
+    /// Limits requests per key (429).
+    RateLimit(RawRateLimit),
+    /// Answers CORS preflights and marks allowed origins.
+    Cors(RawCors),
     /// Any other name.
     Custom {
         name: String,
         settings: serde_json::Value,
     },
+}
+
+impl RawPlugin {
+    /// The plugin's key in the file.
+    pub fn name(&self) -> &str {
+        match self {
+            RawPlugin::Headers(_) => "headers",
+            RawPlugin::IpFilter(_) => "ip_filter",
+            RawPlugin::ApiKey(_) => "api_key",
+            RawPlugin::Jwt(_) => "jwt",
+            RawPlugin::RateLimit(_) => "rate_limit",
+            RawPlugin::Cors(_) => "cors",
+            RawPlugin::Custom { name, .. } => name,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for RawPlugin {
@@ -191,6 +232,11 @@ impl<'de> Deserialize<'de> for RawPlugin {
                 };
                 let plugin = match name.as_str() {
                     "headers" => RawPlugin::Headers(map.next_value()?),
+                    "ip_filter" => RawPlugin::IpFilter(map.next_value()?),
+                    "api_key" => RawPlugin::ApiKey(map.next_value()?),
+                    "jwt" => RawPlugin::Jwt(map.next_value()?),
+                    "rate_limit" => RawPlugin::RateLimit(map.next_value()?),
+                    "cors" => RawPlugin::Cors(map.next_value()?),
                     _ => RawPlugin::Custom {
                         settings: map.next_value()?,
                         name,
@@ -226,6 +272,118 @@ pub struct RawHeaderEdits {
     /// Headers removed.
     #[serde(default)]
     pub remove: Vec<String>,
+}
+
+/// The names of the built-in plugins, as keys in the file.
+pub const BUILTIN_PLUGINS: &[&str] = &[
+    "headers",
+    "ip_filter",
+    "api_key",
+    "jwt",
+    "rate_limit",
+    "cors",
+];
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIpFilter {
+    /// CIDRs (or single addresses) allowed; empty: every address not denied.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// CIDRs denied, even if allowed.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKey {
+    /// The request header carrying the key (default `x-api-key`).
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<RawApiKeyEntry>,
+    /// A YAML file with more keys, the same list (read with the
+    /// configuration, relative to its directory).
+    #[serde(default)]
+    pub keys_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKeyEntry {
+    /// The consumer this key stands for.
+    pub name: String,
+    /// The SHA-256 of the key, in hex.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    /// Required `iss`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// `aud` must name one of these.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Allowed `alg`s (default RS256).
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// A JWKS document (read with the configuration).
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    /// A JWKS URL, fetched, cached and refreshed.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// How often `jwks_url` is fetched again (default 10m).
+    #[serde(default)]
+    pub jwks_refresh: Option<HumanDuration>,
+    /// An environment variable holding the HMAC secret (HS256/384/512).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf` (default 30s).
+    #[serde(default)]
+    pub leeway: Option<HumanDuration>,
+    /// Verified claims sent upstream as headers: `{ sub: x-user-id }`.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, String>,
+    /// Whether the `Authorization` header goes upstream (default true).
+    #[serde(default)]
+    pub forward_authorization: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// `client_ip` (default), `consumer`, or `header:NAME`.
+    #[serde(default)]
+    pub key: Option<String>,
+    pub requests: u64,
+    pub per: HumanDuration,
+    /// Requests allowed at once above the steady rate (default 0).
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Keys tracked at most (default 100 000).
+    #[serde(default)]
+    pub max_keys: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    /// Exact origins, or `"*"`.
+    pub allow_origins: Vec<String>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub max_age: Option<HumanDuration>,
+    #[serde(default)]
+    pub allow_credentials: Option<bool>,
 }
 
 /// A size in bytes: a number, or text such as `64KiB`, `10MiB`, `1GB`.

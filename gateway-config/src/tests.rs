@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::*;
+use ipnet::IpNet;
 
 const GOOD: &str = r#"
 listen: "127.0.0.1:8000"
@@ -256,4 +257,176 @@ routes: []
     assert!(messages.iter().any(|m| m.contains("whole seconds")));
     assert!(messages.iter().any(|m| m.contains("max_header_size")));
     assert!(messages.iter().any(|m| m.contains("max_connections")));
+}
+
+/// A file in a temp dir with `files` beside it; its validated `Config`.
+fn load_beside(text: &str, files: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, contents) in files {
+        std::fs::write(dir.path().join(name), contents).unwrap();
+    }
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, text).unwrap();
+    load(&path)
+}
+
+const SECURE: &str = r#"
+listen: "127.0.0.1:8000"
+admin: { listen: "0.0.0.0:9000", token_file: admin.token }
+trusted_proxies: ["10.0.0.0/8", "192.0.2.7"]
+services:
+  orders: { instances: ["127.0.0.1:8003"] }
+routes:
+  - prefix: /api/orders
+    service: orders
+    plugins:
+      - ip_filter: { allow: ["10.0.0.0/8", "127.0.0.1/32"], deny: ["10.6.6.6"] }
+      - api_key:
+          keys: [{ name: shop-frontend, sha256: "5c8f7bfe7dcbd5b3ab8a2d29e42ff5d3aa1d47cfe1e1fe19a8fb6bbd8c61e4a5" }]
+          keys_file: keys.yaml
+      - jwt:
+          issuer: https://issuer.example
+          audiences: [orders]
+          algorithms: [RS256, ES256]
+          jwks_file: jwks.json
+          forward_claims: { sub: x-user-id }
+      - rate_limit: { key: consumer, requests: 100, per: 1s, burst: 50 }
+      - cors: { allow_origins: ["https://shop.example"], allow_methods: [get, POST], max_age: 10m }
+"#;
+
+#[test]
+fn the_security_settings_validate_and_read_their_files() {
+    let keys = "- { name: batch, sha256: \"00000000000000000000000000000000000000000000000000000000000000ff\" }\n";
+    let config = load_beside(
+        SECURE,
+        &[
+            ("admin.token", " t0ken \n"),
+            ("keys.yaml", keys),
+            ("jwks.json", r#"{"keys": []}"#),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.admin_listen, Some("0.0.0.0:9000".parse().unwrap()));
+    assert_eq!(
+        config.admin_token.as_ref().map(Secret::expose),
+        Some("t0ken")
+    );
+    assert_eq!(format!("{:?}", config.admin_token), "Some(Secret(5 bytes))");
+    assert_eq!(
+        config.trusted_proxies[1],
+        "192.0.2.7/32".parse::<IpNet>().unwrap()
+    );
+    let plugins = &config.routes[0].plugins;
+    let names: Vec<&str> = plugins.iter().map(PluginConfig::name).collect();
+    assert_eq!(names, ["ip_filter", "api_key", "jwt", "rate_limit", "cors"]);
+    let PluginConfig::ApiKey(api_key) = &plugins[1] else {
+        panic!()
+    };
+    assert_eq!(api_key.header, "x-api-key");
+    assert_eq!(api_key.keys.len(), 2);
+    assert_eq!(api_key.keys[1].name, "batch");
+    assert_eq!(api_key.keys[1].sha256[31], 0xff);
+    let PluginConfig::Jwt(jwt) = &plugins[2] else {
+        panic!()
+    };
+    assert_eq!(jwt.leeway, defaults::JWT_LEEWAY);
+    assert!(jwt.forward_authorization);
+    assert!(matches!(&jwt.keys, JwtKeys::Jwks { document, .. } if document == r#"{"keys": []}"#));
+    let PluginConfig::RateLimit(rate) = &plugins[3] else {
+        panic!()
+    };
+    assert_eq!(
+        (rate.key.clone(), rate.requests, rate.burst),
+        (RateLimitKey::Consumer, 100, 50)
+    );
+    assert_eq!(rate.max_keys, defaults::RATE_LIMIT_MAX_KEYS);
+    let PluginConfig::Cors(cors) = &plugins[4] else {
+        panic!()
+    };
+    assert_eq!(cors.allow_methods, [http::Method::GET, http::Method::POST]);
+    assert_eq!(cors.max_age, Some(Duration::from_secs(600)));
+}
+
+#[test]
+fn security_mistakes_are_each_reported_at_their_place() {
+    let text = r#"listen: "127.0.0.1:8000"
+admin_listen: "0.0.0.0:9000"
+trusted_proxies: ["10.0.0.0/8", "not-a-net"]
+services:
+  s: { instances: ["127.0.0.1:1"] }
+routes:
+  - prefix: /a
+    service: s
+    plugins:
+      - ip_filter: {}
+      - api_key: { keys: [{ name: x, sha256: "abc" }] }
+      - jwt: { algorithms: [HS256], jwks_file: missing.json }
+      - jwt: { algorithms: [RS256], jwks_url: "ftp://x", secret_env: NOPE }
+      - rate_limit: { key: "cookie", requests: 0, per: 1s }
+      - cors: { allow_origins: ["*", "shop.example/"], allow_credentials: true }
+      - nope: {}
+"#;
+    let errors = load_beside(text, &[]).unwrap_err().errors;
+    let found = |line: u64, needle: &str| {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.line == line && e.message.contains(needle)),
+            "line {line}: {needle:?} not in {errors:#?}"
+        );
+    };
+    found(
+        2,
+        "admin listener 0.0.0.0:9000 is reachable from other hosts: set admin.token_file",
+    );
+    found(
+        3,
+        "trusted_proxies: \"not-a-net\" is not an address or a CIDR",
+    );
+    found(10, "plugin ip_filter: give allow, deny or both");
+    found(
+        11,
+        "plugin api_key: key \"x\": sha256 must be 64 hex digits",
+    );
+    found(12, "plugin jwt: HS256/HS384/HS512 only with secret_env");
+    found(12, "jwks_file: cannot read");
+    found(
+        13,
+        "plugin jwt: give exactly one of jwks_file, jwks_url, secret_env",
+    );
+    found(
+        14,
+        "plugin rate_limit: key \"cookie\": use client_ip, consumer or header:NAME",
+    );
+    found(15, "allow_credentials cannot go with allow_origins \"*\"");
+    found(15, "\"shop.example/\" is not an origin");
+    found(
+        16,
+        "unknown plugin \"nope\" (plugins: headers, ip_filter, api_key, jwt, rate_limit, cors)",
+    );
+
+    let both = errors_of(
+        "listen: \"127.0.0.1:8000\"\nadmin_listen: \"127.0.0.1:9000\"\nadmin: { listen: \"127.0.0.1:9001\" }\nservices: { s: { instances: [\"127.0.0.1:1\"] } }\nroutes: []\n",
+    );
+    assert!(
+        both.iter()
+            .any(|e| e.line == 2 && e.message.contains("not both")),
+        "{both:?}"
+    );
+    let no_token_file = load_beside(
+        "listen: \"127.0.0.1:8000\"\nadmin: { listen: \"0.0.0.0:9000\", token_file: gone.token }\nservices: { s: { instances: [\"127.0.0.1:1\"] } }\nroutes: []\n",
+        &[],
+    )
+    .unwrap_err()
+    .errors;
+    assert!(
+        no_token_file[0]
+            .message
+            .contains("admin.token_file: cannot read"),
+        "{no_token_file:?}"
+    );
+}
+
+fn errors_of(text: &str) -> Vec<ConfigError> {
+    load_beside(text, &[]).unwrap_err().errors
 }

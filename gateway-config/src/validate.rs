@@ -4,19 +4,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
+use ipnet::IpNet;
+
 use serde_saphyr::Spanned;
 
 use super::raw::{
-    AllUnhealthy, HumanDuration, LoadBalancing, RawConfig, RawHeaderEdits, RawHealthCheck,
-    RawPlugin, RawRoute, RawService, RawTimeouts,
+    AllUnhealthy, HumanDuration, LoadBalancing, RawConfig, RawHealthCheck, RawRoute, RawService,
+    RawTimeouts,
 };
 use super::{
-    Config, ConfigError, CustomPluginConfig, CustomPlugins, Downstream, HeaderEdits,
-    HeadersPluginConfig, HealthSettings, OutlierSettings, PluginConfig, RouteConfig, ServiceConfig,
-    Timeouts, defaults,
+    Config, ConfigError, CustomPlugins, Downstream, HealthSettings, OutlierSettings, RouteConfig,
+    Secret, ServiceConfig, Timeouts, defaults,
 };
 
 /// Paths the gateway answers itself; a route may not take them.
@@ -24,10 +25,10 @@ pub const RESERVED_PATHS: &[&str] = &["/health", "/services"];
 
 /// Collects problems, each at the place of a `Spanned` value.
 #[derive(Default)]
-struct Problems(Vec<ConfigError>);
+pub(crate) struct Problems(Vec<ConfigError>);
 
 impl Problems {
-    fn at<T>(&mut self, place: &Spanned<T>, message: impl Into<String>) {
+    pub(crate) fn at<T>(&mut self, place: &Spanned<T>, message: impl Into<String>) {
         self.0.push(ConfigError {
             line: place.referenced.line(),
             column: place.referenced.column(),
@@ -39,20 +40,24 @@ impl Problems {
 pub(super) fn validate(
     raw: RawConfig,
     custom: &dyn CustomPlugins,
+    base_dir: &Path,
 ) -> Result<Config, Vec<ConfigError>> {
     let mut problems = Problems::default();
 
     let listen = socket_addr(&raw.listen, "listen", &mut problems);
-    let admin_listen = raw
-        .admin_listen
-        .as_ref()
-        .map(|addr| socket_addr(addr, "admin_listen", &mut problems));
-    if let (Some(public), Some(Some(admin))) = (listen, admin_listen)
-        && public == admin
-        && let Some(place) = &raw.admin_listen
-    {
-        problems.at(place, "admin_listen must differ from listen");
-    }
+    let (admin_listen, admin_token) = admin(&raw, listen, base_dir, &mut problems);
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .flatten()
+        .filter_map(|entry| match cidr(&entry.value) {
+            Ok(net) => Some(net),
+            Err(why) => {
+                problems.at(entry, format!("trusted_proxies: {why}"));
+                None
+            }
+        })
+        .collect();
     let threads = match &raw.threads {
         Some(threads) if threads.value == 0 => {
             problems.at(threads, "threads must be at least 1");
@@ -105,6 +110,7 @@ pub(super) fn validate(
         &raw.routes.value,
         &raw.services.value,
         custom,
+        base_dir,
         &mut problems,
     );
 
@@ -114,7 +120,9 @@ pub(super) fn validate(
     }
     Ok(Config {
         listen: listen.unwrap_or_else(unreachable_default),
-        admin_listen: admin_listen.flatten(),
+        admin_listen,
+        admin_token,
+        trusted_proxies,
         threads,
         work_stealing,
         worker_cpu_affinity,
@@ -161,6 +169,90 @@ fn downstream(raw: &RawConfig, problems: &mut Problems) -> Downstream {
         max_header_size,
         max_connections,
     }
+}
+
+/// The admin listener's address and token, from `admin` or `admin_listen`.
+/// A listener reachable from other hosts needs a token.
+fn admin(
+    raw: &RawConfig,
+    listen: Option<SocketAddr>,
+    base_dir: &Path,
+    problems: &mut Problems,
+) -> (Option<SocketAddr>, Option<Secret>) {
+    let (address, token) = match (&raw.admin, &raw.admin_listen) {
+        (Some(admin), Some(short)) => {
+            problems.at(short, "use admin.listen or admin_listen, not both");
+            (
+                socket_addr(&admin.value.listen, "admin.listen", problems),
+                None,
+            )
+        }
+        (Some(admin), None) => {
+            let address = socket_addr(&admin.value.listen, "admin.listen", problems);
+            let token = admin.value.token_file.as_ref().and_then(|file| {
+                match read_secret_file(base_dir, &file.value) {
+                    Ok(token) => Some(token),
+                    Err(why) => {
+                        problems.at(file, format!("admin.token_file: {why}"));
+                        None
+                    }
+                }
+            });
+            (address, token)
+        }
+        (None, Some(short)) => (socket_addr(short, "admin_listen", problems), None),
+        (None, None) => (None, None),
+    };
+    let Some(address) = address else {
+        return (None, token);
+    };
+    let place: &Spanned<String> = match (&raw.admin, &raw.admin_listen) {
+        (Some(admin), _) => &admin.value.listen,
+        (None, Some(short)) => short,
+        (None, None) => return (Some(address), token),
+    };
+    if listen == Some(address) {
+        problems.at(place, "the admin listener must differ from listen");
+    }
+    let has_token = raw
+        .admin
+        .as_ref()
+        .is_some_and(|admin| admin.value.token_file.is_some());
+    if !address.ip().is_loopback() && !has_token {
+        problems.at(
+            place,
+            format!(
+                "admin listener {address} is reachable from other hosts: set admin.token_file \
+                 (or listen on 127.0.0.1)"
+            ),
+        );
+    }
+    (Some(address), token)
+}
+
+/// `text` as a network (`10.0.0.0/8`) or one address (`192.0.2.7`).
+pub(crate) fn cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{text:?} is not an address or a CIDR (e.g. 10.0.0.0/8)"))
+}
+
+/// The path `file` names, relative to the configuration's directory.
+pub(crate) fn beside(base_dir: &Path, file: &str) -> PathBuf {
+    base_dir.join(file)
+}
+
+/// A secret kept in a file (trimmed; must not be empty).
+fn read_secret_file(base_dir: &Path, file: &str) -> Result<Secret, String> {
+    let path = beside(base_dir, file);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Secret::new(token))
 }
 
 /// Only reached if an error was recorded, which returns early; keeps the
@@ -418,6 +510,7 @@ fn routes(
     raw: &[RawRoute],
     services: &BTreeMap<String, RawService>,
     custom: &dyn CustomPlugins,
+    base_dir: &Path,
     problems: &mut Problems,
 ) -> Vec<RouteConfig> {
     let mut seen: HashMap<&str, u64> = HashMap::new();
@@ -470,7 +563,9 @@ fn routes(
         let plugins = route
             .plugins
             .iter()
-            .filter_map(|plugin| plugin_config(prefix, plugin, custom, problems))
+            .filter_map(|plugin| {
+                super::plugins::plugin_config(prefix, plugin, custom, base_dir, problems)
+            })
             .collect();
         routes.push(RouteConfig {
             prefix: prefix.clone(),
@@ -481,67 +576,4 @@ fn routes(
         });
     }
     routes
-}
-
-fn plugin_config(
-    prefix: &str,
-    place: &Spanned<RawPlugin>,
-    custom: &dyn CustomPlugins,
-    problems: &mut Problems,
-) -> Option<PluginConfig> {
-    let plugin = match &place.value {
-        RawPlugin::Headers(headers) => {
-            let mut edits = |raw: &RawHeaderEdits, side: &str| {
-                let mut out = HeaderEdits::default();
-                for (name, value) in &raw.set {
-                    match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
-                        (Ok(name), Ok(value)) => out.set.push((name, value)),
-                        _ => problems.at(
-                            place,
-                            format!("route {prefix}: headers.{side}.set: invalid header {name:?}: {value:?}"),
-                        ),
-                    }
-                }
-                for name in &raw.remove {
-                    match HeaderName::from_bytes(name.as_bytes()) {
-                        Ok(name) => out.remove.push(name),
-                        Err(_) => problems.at(
-                            place,
-                            format!("route {prefix}: headers.{side}.remove: invalid header name {name:?}"),
-                        ),
-                    }
-                }
-                out
-            };
-            PluginConfig::Headers(HeadersPluginConfig {
-                request: edits(&headers.request, "request"),
-                response: edits(&headers.response, "response"),
-            })
-        }
-        RawPlugin::Custom { name, settings } => match custom.check(name, settings) {
-            Some(Ok(())) => PluginConfig::Custom(CustomPluginConfig {
-                name: name.clone(),
-                settings: settings.clone(),
-                line: place.referenced.line(),
-                column: place.referenced.column(),
-            }),
-            Some(Err(why)) => {
-                problems.at(place, format!("route {prefix}: plugin {name}: {why}"));
-                return None;
-            }
-            None => {
-                let mut known = vec!["headers".to_owned()];
-                known.extend(custom.names());
-                problems.at(
-                    place,
-                    format!(
-                        "route {prefix}: unknown plugin {name:?} (plugins: {})",
-                        known.join(", ")
-                    ),
-                );
-                return None;
-            }
-        },
-    };
-    Some(plugin)
 }

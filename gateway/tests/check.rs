@@ -120,3 +120,45 @@ fn the_compose_configuration_does_not_drift_from_the_local_one() {
     }
     assert_eq!(local.listen.port(), compose.listen.port());
 }
+
+#[test]
+fn a_public_admin_listener_without_a_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    let body = "services:\n  users: { instances: [\"127.0.0.1:8001\"] }\nroutes: []\n";
+    std::fs::write(
+        &file,
+        format!("listen: \"127.0.0.1:8000\"\nadmin_listen: \"0.0.0.0:9000\"\n{body}"),
+    )
+    .unwrap();
+    let output = Command::new(GATEWAY)
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(":2:15: admin listener 0.0.0.0:9000 is reachable from other hosts"),
+        "{stderr}"
+    );
+    // With a token it is fine.
+    std::fs::write(dir.path().join("admin.token"), "s3cret\n").unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "listen: \"127.0.0.1:8000\"\nadmin: {{ listen: \"0.0.0.0:9000\", token_file: admin.token }}\n{body}"
+        ),
+    )
+    .unwrap();
+    let output = Command::new(GATEWAY)
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

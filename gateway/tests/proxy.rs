@@ -314,7 +314,13 @@ async fn any_body_and_any_status_pass_untouched() {
 #[tokio::test]
 async fn forwarding_headers_request_ids_and_hop_by_hop() {
     let a = Backend::start("a");
-    let gateway = GatewayProcess::start(&single_route("", a.addr)).await;
+    // The test client is a trusted proxy here, so what it forwards is kept
+    // (from an untrusted peer it is replaced: `tests/security.rs`).
+    let gateway = GatewayProcess::start(&single_route(
+        "trusted_proxies: [\"127.0.0.1/32\"]\n",
+        a.addr,
+    ))
+    .await;
     let response = client()
         .get(gateway.url("/x"))
         .header("host", "shop.example")

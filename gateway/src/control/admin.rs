@@ -7,8 +7,13 @@
 //! - `POST /admin/reload`: reload now, even if the file did not change;
 //!   answers the outcome (422 if the file was rejected).
 //! - `GET /admin/stats`: requests in flight right now.
+//! - `GET /admin/health`: `200` while the gateway runs (a liveness probe).
 //!
-//! Served by axum on the control runtime, away from the proxy's threads.
+//! With `admin.token_file`, every endpoint but `/admin/health` requires
+//! `Authorization: Bearer <token>` (compared in constant time; the token is
+//! read with the configuration, so a reload changes it). Nothing here shows
+//! a secret. Served by axum on the control runtime, away from the proxy's
+//! threads.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -23,7 +28,7 @@ use serde_json::{Value, json};
 use super::reload::{Attempt, Outcome, Reloader, Trigger};
 
 pub fn router(reloader: Arc<Reloader>) -> Router {
-    Router::new()
+    let guarded = Router::new()
         .route("/admin/config", get(config))
         .route("/admin/reload", post(reload))
         .route("/admin/stats", get(stats))
@@ -33,7 +38,48 @@ pub fn router(reloader: Arc<Reloader>) -> Router {
                 axum::Json(json!({"detail": "Not Found"})),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&reloader),
+            require_token,
+        ));
+    Router::new()
+        .route(
+            "/admin/health",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .merge(guarded)
         .with_state(reloader)
+}
+
+/// Lets a request through if no token is configured or it carries it.
+async fn require_token(
+    State(reloader): State<Arc<Reloader>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let snapshot = reloader.current().load();
+    let Some(token) = &snapshot.config.admin_token else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().as_bytes());
+    use subtle::ConstantTimeEq;
+    match presented {
+        Some(presented) if bool::from(presented.ct_eq(token.expose().as_bytes())) => {
+            next.run(request).await
+        }
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(json!({"detail": "Missing or invalid admin token"})),
+        )
+            .into_response(),
+    }
 }
 
 /// Serves the admin API on `listener` until the process ends.
@@ -93,7 +139,14 @@ async fn config(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
         .config
         .routes
         .iter()
-        .map(|r| json!({"prefix": r.prefix, "service": r.service, "strip_prefix": r.strip_prefix}))
+        .map(|r| {
+            let plugins = snapshot
+                .routes
+                .lookup_prefix(&r.prefix)
+                .map(|route| route.plugins.describe())
+                .unwrap_or_default();
+            json!({"prefix": r.prefix, "service": r.service, "strip_prefix": r.strip_prefix, "plugins": plugins})
+        })
         .collect();
     let services: Vec<Value> = snapshot
         .config

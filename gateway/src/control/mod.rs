@@ -74,7 +74,12 @@ impl ControlPlane {
         let membership = Arc::new(Membership::new(handle.clone(), sources));
         let view = runtime.block_on(membership.reconcile(&config, false))?;
         let wait = reload::first_check_wait(&config);
-        let snapshot = Snapshot::build(config, view, 1, &registry, &plugins, None)?;
+        // Plugins with background work (a key set to keep fresh, buckets
+        // to sweep) start it on the control runtime.
+        let snapshot = {
+            let _on_the_control_runtime = runtime.enter();
+            Snapshot::build(config, view, 1, &registry, &plugins, None)?
+        };
         runtime.block_on(registry.first_checks_done(wait));
         let current = Arc::new(CurrentSnapshot::new(snapshot));
         let reloader = Arc::new(Reloader::new(

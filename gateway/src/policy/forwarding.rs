@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderName, HeaderValue};
+use ipnet::IpNet;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType};
 
@@ -139,34 +140,129 @@ pub fn client_ip_value(ip: IpAddr) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string())).ok()
 }
 
-/// Sets `X-Forwarded-For` (appending the client, as
-/// [`client_ip_value`] gives it), `-Proto`, `-Host` and `X-Request-Id` on
-/// the request going upstream.
+/// Whether `ip` is in one of `nets`.
+pub fn is_trusted(ip: IpAddr, nets: &[IpNet]) -> bool {
+    nets.iter().any(|net| net.contains(&ip))
+}
+
+/// The client's address as the gateway trusts it: the connection's peer,
+/// unless the peer is a trusted proxy. Then the forwarding headers it sent
+/// are believed: the right-most address of `X-Forwarded-For` (or, without
+/// it, of `Forwarded`'s `for=`) that is not itself a trusted proxy. An
+/// entry that is not an address ends the walk (the last address believed
+/// wins): a client can add entries on the left, never on the right.
+pub fn client_address(peer: IpAddr, request: &RequestHeader, trusted: &[IpNet]) -> IpAddr {
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let forwarded_for: Vec<&str> = request
+        .headers
+        .get_all(FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let entries: Vec<&str> = if forwarded_for.is_empty() {
+        request
+            .headers
+            .get_all(http::header::FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|element| {
+                element.split(';').find_map(|pair| {
+                    let (key, value) = pair.trim().split_once('=')?;
+                    key.eq_ignore_ascii_case("for")
+                        .then(|| value.trim().trim_matches('"'))
+                })
+            })
+            .collect()
+    } else {
+        forwarded_for
+    };
+    let mut client = peer;
+    for entry in entries.iter().rev() {
+        let Some(ip) = parse_forwarded_address(entry) else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(ip, trusted) {
+            break;
+        }
+    }
+    client
+}
+
+/// `192.0.2.7`, `192.0.2.7:4711`, `2001:db8::1`, `[2001:db8::1]:4711`.
+fn parse_forwarded_address(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(socket) = entry.parse::<std::net::SocketAddr>() {
+        return Some(socket.ip());
+    }
+    let bracketed = entry.strip_prefix('[')?.split(']').next()?;
+    bracketed.parse().ok()
+}
+
+/// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `X-Request-Id` on the
+/// request going upstream. From a `trusted` peer (a proxy in
+/// `trusted_proxies`), what it forwarded is kept: the peer is appended to
+/// `X-Forwarded-For`, its `-Proto` and `-Host` stay. From any other peer,
+/// the client's forwarding headers are replaced (`X-Forwarded-For` is the
+/// peer, as [`client_ip_value`] gives it) and `Forwarded` removed, so a
+/// client cannot choose the address or scheme an upstream believes.
 pub fn set_forwarding_headers(
     request: &mut RequestHeader,
-    client_ip: Option<&HeaderValue>,
+    peer: Option<&HeaderValue>,
+    trusted: bool,
     request_id: &RequestId,
 ) -> pingora::Result<()> {
-    if let Some(ip) = client_ip {
-        let previous = request
-            .headers
-            .get(FORWARDED_FOR)
-            .filter(|v| v.to_str().is_ok_and(|v| !v.trim().is_empty()));
-        let forwarded_for = match previous {
-            Some(previous) => {
-                let joined = [previous.as_bytes(), b", ", ip.as_bytes()].concat();
+    if trusted {
+        if let Some(ip) = peer {
+            let previous: Vec<&[u8]> = request
+                .headers
+                .get_all(FORWARDED_FOR)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .filter(|v| !v.trim_ascii().is_empty())
+                .collect();
+            let forwarded_for = if previous.is_empty() {
+                ip.clone()
+            } else {
+                let mut joined = previous.join(&b", "[..]);
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(ip.as_bytes());
                 HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).map_err(|e| {
                     Error::because(ErrorType::InvalidHTTPHeader, "X-Forwarded-For", e)
                 })?
+            };
+            request.insert_header(FORWARDED_FOR, forwarded_for)?;
+        }
+    } else {
+        match peer {
+            Some(ip) => request.insert_header(FORWARDED_FOR, ip.clone())?,
+            None => {
+                request.remove_header(FORWARDED_FOR);
             }
-            _ => ip.clone(),
-        };
-        request.insert_header(FORWARDED_FOR, forwarded_for)?;
+        }
+        if request.headers.contains_key(http::header::FORWARDED) {
+            request.remove_header(&http::header::FORWARDED);
+        }
     }
-    // This gateway terminates plain HTTP; it is the edge, so it says so.
-    request.insert_header(FORWARDED_PROTO, "http")?;
-    if let Some(host) = request.headers.get(http::header::HOST).cloned() {
-        request.insert_header(FORWARDED_HOST, host)?;
+    if !(trusted && request.headers.contains_key(FORWARDED_PROTO)) {
+        // This gateway terminates plain HTTP; it is the edge, so it says so.
+        request.insert_header(FORWARDED_PROTO, "http")?;
+    }
+    if !(trusted && request.headers.contains_key(FORWARDED_HOST)) {
+        match request.headers.get(http::header::HOST).cloned() {
+            Some(host) => request.insert_header(FORWARDED_HOST, host)?,
+            None => {
+                request.remove_header(FORWARDED_HOST);
+            }
+        }
     }
     request.insert_header(REQUEST_ID, request_id.header())?;
     Ok(())
@@ -378,11 +474,93 @@ mod tests {
         with_id.insert_header(REQUEST_ID, "rid").unwrap();
         let id = request_id(&with_id);
         let client = client_ip_value("192.0.2.7".parse().unwrap());
-        set_forwarding_headers(&mut request, client.as_ref(), &id).unwrap();
+        set_forwarding_headers(&mut request, client.as_ref(), true, &id).unwrap();
         assert_eq!(request.headers[FORWARDED_FOR], "10.0.0.1, 192.0.2.7");
         assert_eq!(request.headers[FORWARDED_PROTO], "http");
         assert_eq!(request.headers[FORWARDED_HOST], "shop.example");
         assert_eq!(request.headers[REQUEST_ID], "rid");
+    }
+
+    #[test]
+    fn an_untrusted_peer_cannot_choose_its_forwarding_headers() {
+        let mut request = RequestHeader::build("GET", b"/", None).unwrap();
+        request.insert_header("host", "shop.example").unwrap();
+        request.append_header(FORWARDED_FOR, "10.0.0.1").unwrap();
+        request.append_header(FORWARDED_FOR, "10.0.0.2").unwrap();
+        request.insert_header(FORWARDED_PROTO, "https").unwrap();
+        request
+            .insert_header(FORWARDED_HOST, "bank.example")
+            .unwrap();
+        request.insert_header("forwarded", "for=10.9.9.9").unwrap();
+        let client = client_ip_value("192.0.2.7".parse().unwrap());
+        let mut untrusted = request.clone();
+        set_forwarding_headers(&mut untrusted, client.as_ref(), false, &RequestId::new()).unwrap();
+        assert_eq!(untrusted.headers.get_all(FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(untrusted.headers[FORWARDED_FOR], "192.0.2.7");
+        assert_eq!(untrusted.headers[FORWARDED_PROTO], "http");
+        assert_eq!(untrusted.headers[FORWARDED_HOST], "shop.example");
+        assert!(untrusted.headers.get("forwarded").is_none());
+        // From a trusted proxy, what it forwarded stays, every line of it.
+        set_forwarding_headers(&mut request, client.as_ref(), true, &RequestId::new()).unwrap();
+        assert_eq!(
+            request.headers[FORWARDED_FOR],
+            "10.0.0.1, 10.0.0.2, 192.0.2.7"
+        );
+        assert_eq!(request.headers[FORWARDED_PROTO], "https");
+        assert_eq!(request.headers[FORWARDED_HOST], "bank.example");
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_forwarded_address() {
+        let trusted: Vec<IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.1/32".parse().unwrap(),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let with = |headers: &[(&str, &str)]| {
+            let mut request = RequestHeader::build("GET", b"/", None).unwrap();
+            for (name, value) in headers {
+                request.append_header(name.to_string(), *value).unwrap();
+            }
+            request
+        };
+        let spoofed = with(&[(FORWARDED_FOR, "6.6.6.6, 203.0.113.5, 10.1.1.1")]);
+        // An untrusted peer: its headers say nothing.
+        assert_eq!(
+            client_address(ip("198.51.100.1"), &spoofed, &trusted),
+            ip("198.51.100.1")
+        );
+        // A trusted one: right to left, past the trusted hops.
+        assert_eq!(
+            client_address(ip("192.0.2.1"), &spoofed, &trusted),
+            ip("203.0.113.5")
+        );
+        let lines = with(&[
+            (FORWARDED_FOR, "6.6.6.6"),
+            (FORWARDED_FOR, "[2001:db8::5]:4711, 10.0.0.3"),
+        ]);
+        assert_eq!(
+            client_address(ip("10.0.0.9"), &lines, &trusted),
+            ip("2001:db8::5")
+        );
+        let garbage = with(&[(FORWARDED_FOR, "1.2.3.4, nonsense, 10.0.0.3")]);
+        assert_eq!(
+            client_address(ip("10.0.0.9"), &garbage, &trusted),
+            ip("10.0.0.3")
+        );
+        let forwarded = with(&[(
+            "forwarded",
+            "for=203.0.113.8;proto=https, for=\"[2001:db8::9]:80\"",
+        )]);
+        assert_eq!(
+            client_address(ip("10.0.0.9"), &forwarded, &trusted),
+            ip("2001:db8::9")
+        );
+        let nothing = with(&[]);
+        assert_eq!(
+            client_address(ip("10.0.0.9"), &nothing, &trusted),
+            ip("10.0.0.9")
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use super::ctx::RequestCtx;
 use crate::engine::log_buffer;
 use crate::errors::Failure;
 use crate::policy::forwarding;
+use crate::policy::plugins::Consumer;
 
 /// Writes the access line of the request `ctx` describes; `failure`, if it
 /// failed.
@@ -35,6 +36,10 @@ pub fn log(session: &ServerSession, ctx: &RequestCtx<'_>, failure: Option<&Failu
             .unwrap_or(0),
         micros: ctx.started.elapsed().as_micros() as u64,
         request_id: &ctx.request_id,
+        consumer: ctx
+            .extensions
+            .get::<Consumer>()
+            .map_or("-", |consumer| &consumer.0),
         error: failure
             .and_then(|f| f.cause.as_ref())
             .map_or("-", |e| e.etype().as_str()),
@@ -57,6 +62,7 @@ struct AccessLine<'a> {
     status: u16,
     micros: u64,
     request_id: &'a forwarding::RequestId,
+    consumer: &'a str,
     error: &'a str,
     timeout: &'a str,
 }
@@ -80,6 +86,7 @@ impl AccessLine<'_> {
             status = self.status,
             micros = self.micros,
             request_id = %self.request_id,
+            consumer = self.consumer,
             error = self.error,
             timeout = self.timeout,
             "request"
@@ -131,6 +138,8 @@ impl AccessLine<'_> {
         push_number(line, self.micros);
         line.push_str(" request_id=");
         line.push_str(self.request_id.as_str());
+        line.push_str(" consumer=");
+        push_debug(line, self.consumer);
         line.push_str(" error=");
         push_debug(line, self.error);
         line.push_str(" timeout=");
@@ -268,6 +277,7 @@ mod tests {
                 status: 200,
                 micros: 1234,
                 request_id: &id,
+                consumer: "-",
                 error: "-",
                 timeout: "-",
             },
@@ -280,6 +290,7 @@ mod tests {
                 status: 504,
                 micros: 0,
                 request_id: &id,
+                consumer: "shop-frontend",
                 error: "ReadTimedout",
                 timeout: "read",
             },
@@ -293,6 +304,7 @@ mod tests {
                 status: 65535,
                 micros: u64::MAX,
                 request_id: &id,
+                consumer: "we\"ird é",
                 error: "",
                 timeout: "total",
             },
@@ -305,6 +317,7 @@ mod tests {
                 status: 100,
                 micros: 10_000_000,
                 request_id: &id,
+                consumer: "-",
                 error: "-",
                 timeout: "-",
             },

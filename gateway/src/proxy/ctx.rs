@@ -41,6 +41,11 @@ pub struct RequestCtx<'s> {
     /// The configuration version this request runs on, start to end.
     pub snapshot: &'s Snapshot,
     pub client: &'s Client,
+    /// The client's address as the gateway trusts it: the peer's, or what
+    /// a trusted proxy forwarded (`forwarding::client_address`).
+    pub client_addr: Option<IpAddr>,
+    /// The peer is one of `trusted_proxies`.
+    pub peer_trusted: bool,
     pub request_id: RequestId,
     /// The matched route, once routed.
     pub route: Option<&'s Route>,
@@ -69,6 +74,8 @@ impl<'s> RequestCtx<'s> {
             _in_flight: InFlight::start(),
             snapshot,
             client,
+            client_addr: client.addr,
+            peer_trusted: false,
             request_id: RequestId::default(),
             route: None,
             extensions: Extensions::new(),
@@ -96,7 +103,7 @@ impl<'s> RequestCtx<'s> {
         PluginContext::new(
             request,
             self.request_id.as_str(),
-            self.client.addr,
+            self.client_addr,
             &route.prefix,
             &route.upstream.name,
             &mut self.extensions,

@@ -177,6 +177,7 @@ fn upstream_request(
     forwarding::set_forwarding_headers(
         &mut request,
         ctx.client.forwarded_for.as_ref(),
+        ctx.peer_trusted,
         &ctx.request_id,
     )?;
     if !route.plugins.is_empty() {

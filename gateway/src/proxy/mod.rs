@@ -133,6 +133,18 @@ impl Gateway {
         let mut ctx = RequestCtx::new(&snapshot, client);
         ctx.close = *shutdown.borrow();
         ctx.request_id = forwarding::request_id(session.req_header());
+        let trusted = &snapshot.config.trusted_proxies;
+        if let Some(peer) = client.addr
+            && !trusted.is_empty()
+            && forwarding::is_trusted(peer, trusted)
+        {
+            ctx.peer_trusted = true;
+            ctx.client_addr = Some(forwarding::client_address(
+                peer,
+                session.req_header(),
+                trusted,
+            ));
+        }
         let failure = self.serve(session, &mut ctx).await.err();
         if let Some(failure) = &failure {
             tracing::debug!(error = %failure.error, cause = ?failure.cause, request_id = %ctx.request_id, "request failed");

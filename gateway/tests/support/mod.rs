@@ -533,8 +533,21 @@ pub struct GatewayProcess {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
+    /// The admin listener's bearer token, if it has one.
+    pub admin_token: Option<String>,
     child: Child,
     _dir: tempfile::TempDir,
+}
+
+/// What a gateway starts with besides its configuration.
+#[derive(Default)]
+pub struct Extras<'a> {
+    /// Files written beside the configuration (name, contents).
+    pub files: Vec<(&'a str, Vec<u8>)>,
+    /// An admin token: the admin listener is `admin: { listen, token_file }`.
+    pub admin_token: Option<&'a str>,
+    /// Environment variables of the gateway process.
+    pub env: Vec<(&'a str, &'a str)>,
 }
 
 impl GatewayProcess {
@@ -542,20 +555,40 @@ impl GatewayProcess {
     /// `admin_listen`, which are added on free ports) and waits until
     /// `/health` answers.
     pub async fn start(body: &str) -> GatewayProcess {
+        Self::start_with(body, &Extras::default()).await
+    }
+
+    /// [`Self::start`], with files beside the configuration, an admin
+    /// token, environment variables.
+    pub async fn start_with(body: &str, extras: &Extras<'_>) -> GatewayProcess {
         for _ in 0..3 {
-            if let Some(gateway) = Self::try_start(body).await {
+            if let Some(gateway) = Self::try_start(body, extras).await {
                 return gateway;
             }
         }
         panic!("gateway did not start");
     }
 
-    async fn try_start(body: &str) -> Option<GatewayProcess> {
+    async fn try_start(body: &str, extras: &Extras<'_>) -> Option<GatewayProcess> {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        for (name, contents) in &extras.files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
         let config_path = dir.path().join("gateway.yaml");
-        std::fs::write(&config_path, Self::file_text(addr, admin, body)).unwrap();
+        let text = match extras.admin_token {
+            Some(token) => {
+                std::fs::write(dir.path().join("admin.token"), token).unwrap();
+                Self::file_text(addr, admin, body).replacen(
+                    &format!("admin_listen: \"{admin}\""),
+                    &format!("admin: {{ listen: \"{admin}\", token_file: admin.token }}"),
+                    1,
+                )
+            }
+            None => Self::file_text(addr, admin, body),
+        };
+        std::fs::write(&config_path, text).unwrap();
         let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
         let child = Command::new(GATEWAY)
             .arg("--config")
@@ -564,6 +597,7 @@ impl GatewayProcess {
                 "RUST_LOG",
                 std::env::var("GATEWAY_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(extras.env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
@@ -573,6 +607,7 @@ impl GatewayProcess {
             addr,
             admin,
             config_path,
+            admin_token: extras.admin_token.map(str::to_owned),
             child,
             _dir: dir,
         };
@@ -620,7 +655,24 @@ impl GatewayProcess {
     /// Replaces the configuration with `body` (listen addresses kept) the
     /// way editors do: a temp file renamed over it.
     pub fn write_config(&self, body: &str) {
-        self.write_raw(&Self::file_text(self.addr, self.admin, body));
+        let text = Self::file_text(self.addr, self.admin, body);
+        let text = match &self.admin_token {
+            Some(_) => text.replacen(
+                &format!("admin_listen: \"{}\"", self.admin),
+                &format!(
+                    "admin: {{ listen: \"{}\", token_file: admin.token }}",
+                    self.admin
+                ),
+                1,
+            ),
+            None => text,
+        };
+        self.write_raw(&text);
+    }
+
+    /// A file beside the configuration.
+    pub fn write_file(&self, name: &str, contents: &[u8]) {
+        std::fs::write(self._dir.path().join(name), contents).unwrap();
     }
 
     /// Replaces the file with exactly `text`, atomically.
@@ -630,9 +682,13 @@ impl GatewayProcess {
         std::fs::rename(&temp, &self.config_path).unwrap();
     }
 
-    /// `GET /admin/config`.
+    /// `GET /admin/config` (with the admin token, if there is one).
     pub async fn admin_config(&self) -> Value {
-        get_json(self.admin_url("/admin/config")).await
+        let mut request = reqwest::Client::new().get(self.admin_url("/admin/config"));
+        if let Some(token) = &self.admin_token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap().json().await.unwrap()
     }
 
     /// Waits until the last reload attempt is newer than `previous` (its

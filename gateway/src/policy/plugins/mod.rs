@@ -66,7 +66,12 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use crate::config::{CustomPlugins, PluginConfig};
 pub use crate::errors::Answer;
 
+mod api_key;
+mod cors;
 mod headers;
+mod ip_filter;
+mod jwt;
+mod rate_limit;
 
 /// What a request hook decided.
 #[derive(Debug)]
@@ -92,6 +97,11 @@ pub struct PluginContext<'r> {
     extensions: &'r mut Extensions,
 }
 
+/// Who a request is from, as an auth plugin established it (an API key's
+/// name, a token's subject); kept in the request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumer(pub Arc<str>);
+
 impl<'r> PluginContext<'r> {
     /// A context for `request` on the route `route` (its prefix as written)
     /// to `service`. The proxy makes these; so can a plugin's tests.
@@ -113,6 +123,17 @@ impl<'r> PluginContext<'r> {
         }
     }
 
+    /// Who the request is from, as an auth plugin before established it.
+    pub fn consumer(&self) -> Option<&Arc<str>> {
+        self.extensions.get::<Consumer>().map(|c| &c.0)
+    }
+
+    /// Records who the request is from: later plugins (`rate_limit` with
+    /// `key: consumer`) and the access log see it.
+    pub fn set_consumer(&mut self, consumer: Arc<str>) {
+        self.extensions.insert(Consumer(consumer));
+    }
+
     /// The client's request header, as received.
     pub fn request(&self) -> &RequestHeader {
         self.request
@@ -122,8 +143,8 @@ impl<'r> PluginContext<'r> {
         self.request_id
     }
 
-    /// The client's address as the gateway trusts it (the connection's
-    /// peer).
+    /// The client's address as the gateway trusts it: the connection's
+    /// peer, or what a proxy in `trusted_proxies` forwarded.
     pub fn client_addr(&self) -> Option<IpAddr> {
         self.client_addr
     }
@@ -185,6 +206,12 @@ pub trait Plugin: Send + Sync + 'static {
         _ctx: &mut PluginContext<'_>,
     ) -> pingora::Result<()> {
         Ok(())
+    }
+
+    /// What `/admin/config` shows of the plugin's state (never a secret),
+    /// e.g. when its key set was last fetched.
+    fn status(&self) -> Option<serde_json::Value> {
+        None
     }
 }
 
@@ -295,6 +322,20 @@ impl PluginChain {
         self.links.iter().map(|link| &link.plugin)
     }
 
+    /// Each plugin's name and status, for `/admin/config`.
+    pub fn describe(&self) -> Vec<serde_json::Value> {
+        self.links
+            .iter()
+            .map(|link| {
+                let mut entry = serde_json::json!({ "name": link.config.name() });
+                if let Some(status) = link.plugin.status() {
+                    entry["status"] = status;
+                }
+                entry
+            })
+            .collect()
+    }
+
     /// Runs the request hooks in order; `ran` counts the plugins whose
     /// hook ran (their response hooks will run).
     pub async fn request_hooks(
@@ -360,6 +401,11 @@ impl PluginChain {
 fn build_one(config: &PluginConfig, registry: &PluginRegistry) -> Result<Arc<dyn Plugin>, String> {
     match config {
         PluginConfig::Headers(settings) => Ok(Arc::new(headers::Headers::new(settings.clone()))),
+        PluginConfig::IpFilter(settings) => Ok(Arc::new(ip_filter::IpFilter::new(settings))),
+        PluginConfig::ApiKey(settings) => Ok(Arc::new(api_key::ApiKey::new(settings))),
+        PluginConfig::Jwt(settings) => Ok(Arc::new(jwt::Jwt::new(settings)?)),
+        PluginConfig::RateLimit(settings) => Ok(Arc::new(rate_limit::RateLimit::new(settings)?)),
+        PluginConfig::Cors(settings) => Ok(Arc::new(cors::Cors::new(settings))),
         PluginConfig::Custom(custom) => {
             let factory = registry
                 .factory(&custom.name)
