@@ -448,7 +448,7 @@ async fn an_hmac_secret_from_the_environment_verifies_hs256_only() {
     let secret = "0123456789abcdef0123456789abcdef-test";
     let gateway = GatewayProcess::start_with(
         &format!(
-            "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - prefix: /api\n    service: s\n    plugins:\n      - jwt: {{ algorithms: [HS256], secret_env: JWT_TEST_SECRET }}\n",
+            "services:\n  s: {{ instances: [\"{}\"] }}\nroutes:\n  - prefix: /api\n    service: s\n    plugins:\n      - jwt: {{ algorithms: [HS256], secret_env: JWT_TEST_SECRET, leeway: 0s }}\n",
             backend.addr
         ),
         &Extras {
@@ -468,6 +468,25 @@ async fn an_hmac_secret_from_the_environment_verifies_hs256_only() {
     let rs = mint(RSA, Algorithm::RS256, None, &json!({"exp": now() + 60}));
     let (status, _, _) = send(client().get(gateway.url("/api/x")).bearer_auth(&rs)).await;
     assert_eq!(status, 401);
+
+    // A verified token is remembered, but not past its exp.
+    let short = mint(
+        secret.as_bytes(),
+        Algorithm::HS256,
+        None,
+        &json!({"exp": now() + 1}),
+    );
+    for _ in 0..3 {
+        let (status, _, _) = send(client().get(gateway.url("/api/x")).bearer_auth(&short)).await;
+        assert_eq!(status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, headers, body) =
+        send(client().get(gateway.url("/api/x")).bearer_auth(&short)).await;
+    assert_eq!(
+        (status, body),
+        (401, error_body(&invalid("expired"), &headers))
+    );
 }
 
 #[tokio::test]

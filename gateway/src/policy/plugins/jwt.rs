@@ -19,6 +19,10 @@
 //!   from a query string.
 //! - Refused: `401` with `WWW-Authenticate: Bearer` (no token) or
 //!   `Bearer error="invalid_token"`.
+//! - A verified token is remembered (up to [`CACHE_TOKENS`], keyed by the
+//!   whole token, signature included) until its `exp`, as long as the key
+//!   set it was verified with is the current one: a client sending the same
+//!   token again costs a lookup, not a signature check.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +49,23 @@ pub const MIN_REFETCH: Duration = Duration::from_secs(10);
 const FETCH_WAIT: Duration = Duration::from_secs(5);
 /// How long one fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Verified tokens remembered at most; past that the cache starts afresh.
+pub const CACHE_TOKENS: usize = 10_000;
+
+/// A verified token: its claims, until when it may be taken as verified,
+/// and the key set generation it was verified with.
+struct Verified {
+    claims: Claims,
+    /// Unix seconds: its `exp` (plus leeway).
+    until: u64,
+    generation: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// Verified claims, for later hooks.
 #[derive(Clone)]
@@ -245,6 +266,8 @@ pub struct Jwt {
     keys: Keys,
     forward_claims: Vec<(String, HeaderName)>,
     forward_authorization: bool,
+    leeway: u64,
+    verified: dashmap::DashMap<Box<str>, Verified>,
 }
 
 /// Why a token was refused (the `detail` of the 401).
@@ -353,7 +376,43 @@ impl Jwt {
             keys,
             forward_claims: settings.forward_claims.clone(),
             forward_authorization: settings.forward_authorization,
+            leeway: settings.leeway.as_secs(),
+            verified: dashmap::DashMap::new(),
         })
+    }
+
+    /// Which key set is current: a fetched set replaces the one before.
+    fn generation(&self) -> u64 {
+        match &self.keys {
+            Keys::Fixed(_) => 0,
+            Keys::Remote(remote) => *remote.fetches.borrow(),
+        }
+    }
+
+    /// `token`, verified from the cache or now.
+    fn check(&self, token: &str) -> Result<Claims, Option<Verdict>> {
+        let generation = self.generation();
+        if let Some(hit) = self.verified.get(token)
+            && hit.generation == generation
+            && unix_now() <= hit.until
+        {
+            return Ok(hit.claims.clone());
+        }
+        let claims = self.verify(token)?;
+        if let Some(exp) = claims.0.get("exp").and_then(Value::as_u64) {
+            if self.verified.len() >= CACHE_TOKENS {
+                self.verified.clear();
+            }
+            self.verified.insert(
+                Box::from(token),
+                Verified {
+                    claims: claims.clone(),
+                    until: exp.saturating_add(self.leeway),
+                    generation,
+                },
+            );
+        }
+        Ok(claims)
     }
 
     /// Verifies `token` with the key set as it is now. `Err(None)`: the
@@ -416,7 +475,7 @@ impl Plugin for Jwt {
                     ),
             );
         };
-        match self.verify(token) {
+        match self.check(token) {
             Ok(claims) => Self::accept(ctx, claims),
             Err(Some(refused)) => refused,
             Err(None) => match &self.keys {
@@ -437,7 +496,7 @@ impl Plugin for Jwt {
             let Some(token) = bearer(ctx.request()) else {
                 return refuse("malformed");
             };
-            match self.verify(token) {
+            match self.check(token) {
                 Ok(claims) => Self::accept(ctx, claims),
                 Err(Some(refused)) => refused,
                 Err(None) => refuse("unknown key"),

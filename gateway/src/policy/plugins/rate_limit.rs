@@ -64,10 +64,12 @@ impl StateStore for BoundedStore {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        if self.map.len() >= self.max_keys && !self.map.contains_key(key) {
-            return self.map.measure_and_replace(&Key::Overflow, f);
+        // A known key first (one shard's lookup): counting every key
+        // (`len`, a lock on each shard) is only for a new one.
+        if self.map.contains_key(key) || self.map.len() < self.max_keys {
+            return self.map.measure_and_replace(key, f);
         }
-        self.map.measure_and_replace(key, f)
+        self.map.measure_and_replace(&Key::Overflow, f)
     }
 }
 
