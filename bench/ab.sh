@@ -17,6 +17,6 @@ if [[ " $* " == *" --smoke "* ]]; then
     cargo build --locked --bins
     export BENCH_BIN_DIR=target/debug
 else
-    cargo build --release --locked --bins
+    cargo build --release --locked --bins --workspace --exclude gateway-example-request-counter
 fi
 exec python3 bench/ab.py "$@"

@@ -7,5 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --locked --bins
+cargo build --release --locked --bins --workspace --exclude gateway-example-request-counter
 exec target/release/stack "$@"

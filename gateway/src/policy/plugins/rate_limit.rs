@@ -20,14 +20,15 @@
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use governor::clock::{Clock, MonotonicClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
-use governor::state::StateStore;
 use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{Quota, RateLimiter as Gcra};
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::ResponseHeader;
@@ -55,6 +56,9 @@ enum Key {
 struct BoundedStore {
     map: DashMapStateStore<Key>,
     max_keys: usize,
+    /// Keys in `map`, as of the last insert or sweep (`DashMap::len`
+    /// locks every shard: too dear for every request).
+    keys: AtomicUsize,
 }
 
 impl StateStore for BoundedStore {
@@ -64,18 +68,27 @@ impl StateStore for BoundedStore {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        // A known key first (one shard's lookup): counting every key
-        // (`len`, a lock on each shard) is only for a new one.
-        if self.map.contains_key(key) || self.map.len() < self.max_keys {
-            return self.map.measure_and_replace(key, f);
+        // A known key: one shard's lookup, one atomic update.
+        if let Some(state) = self.map.get(key) {
+            return state.measure_and_replace(&NotKeyed::NonKey, f);
         }
-        self.map.measure_and_replace(&Key::Overflow, f)
+        let key = if self.keys.load(Ordering::Relaxed) < self.max_keys {
+            key
+        } else {
+            &Key::Overflow
+        };
+        let state = self.map.entry(key.clone()).or_insert_with(|| {
+            self.keys.fetch_add(1, Ordering::Relaxed);
+            InMemoryState::default()
+        });
+        state.measure_and_replace(&NotKeyed::NonKey, f)
     }
 }
 
 impl ShrinkableKeyedStateStore<Key> for BoundedStore {
     fn retain_recent(&self, drop_below: Nanos) {
         ShrinkableKeyedStateStore::retain_recent(&self.map, drop_below);
+        self.keys.store(self.map.len(), Ordering::Relaxed);
     }
 
     fn shrink_to_fit(&self) {
@@ -101,6 +114,22 @@ pub struct RateLimit {
     limit: HeaderValue,
     /// Time to earn one request back.
     per_request: Duration,
+}
+
+/// Numbers below this are sent from a table of header values made once
+/// (an integer header value is otherwise formatted and allocated).
+const SMALL: u64 = 1024;
+
+fn small_numbers() -> &'static [HeaderValue] {
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..SMALL).map(HeaderValue::from).collect())
+}
+
+fn number(n: u64) -> HeaderValue {
+    small_numbers()
+        .get(n as usize)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
 }
 
 /// What the response hook says about this request.
@@ -133,6 +162,7 @@ impl RateLimit {
         let store = BoundedStore {
             map: DashMapStateStore::default(),
             max_keys: settings.max_keys,
+            keys: AtomicUsize::new(0),
         };
         let limiter: Arc<Limiter> = Arc::new(
             Gcra::<Key, BoundedStore, MonotonicClock>::new(quota, store, clock.clone())
@@ -169,8 +199,8 @@ impl RateLimit {
     fn headers(&self, counted: Counted) -> [(HeaderName, HeaderValue); 3] {
         [
             (RATELIMIT_LIMIT, self.limit.clone()),
-            (RATELIMIT_REMAINING, HeaderValue::from(counted.remaining)),
-            (RATELIMIT_RESET, HeaderValue::from(seconds(counted.reset))),
+            (RATELIMIT_REMAINING, number(u64::from(counted.remaining))),
+            (RATELIMIT_RESET, number(seconds(counted.reset))),
         ]
     }
 
