@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Installs the system tools the build needs, if they are missing, on Debian
 # or Ubuntu. Idempotent: does nothing when everything is there.
-#   cmake: Pingora's zlib-ng build (every Pingora feature set needs it).
+#   cmake: Pingora's zlib-ng build (every Pingora feature set needs it), and
+#          aws-lc (JWT signatures, TLS to a JWKS URL).
+#   nats-server: the message broker of the order events (JetStream); the
+#          tests start their own on loopback, scripts/run.sh one in data/nats.
 set -euo pipefail
 
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
 
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}" >&2

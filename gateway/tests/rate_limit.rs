@@ -30,9 +30,14 @@ async fn rate_limit_holds_its_rate_under_concurrent_load() {
     .await;
     let passed = Arc::new(AtomicU64::new(0));
     let limited = Arc::new(AtomicU64::new(0));
-    // Clients made first: building one (its TLS roots) takes a while, and
-    // the 3 s are the limiter's, not the clients' start-up.
+    // Clients made and connected first (building one loads TLS roots, a
+    // first request opens its connection), then a second for the bucket to
+    // fill again: the 3 s are the limiter's, not the clients' start-up.
     let made: Vec<reqwest::Client> = (0..20).map(|_| client()).collect();
+    for client in &made {
+        client.get(gateway.url("/api/x")).send().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
     let mut clients = Vec::new();
     for client in made {

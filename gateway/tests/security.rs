@@ -509,7 +509,8 @@ async fn a_rate_limit_bucket_survives_a_reload_of_an_unrelated_part_of_the_file(
     assert_eq!(status, 429);
     assert_eq!(body, error_body("Too many requests", &headers));
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((55..=60).contains(&retry), "{retry}");
+    // One per minute, a request allowed half a period early: 30 s.
+    assert!((25..=30).contains(&retry), "{retry}");
 
     let before = gateway.admin_config().await["last_reload"].clone();
     gateway.write_config(&config(1, "  - { prefix: /other, service: s }\n"));

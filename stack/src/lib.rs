@@ -45,6 +45,34 @@ pub struct Options {
     pub bin_dir: PathBuf,
     /// How long to wait for every service to be healthy at start.
     pub ready_timeout: Duration,
+    /// The local message broker for the order events, if any.
+    pub broker: Option<BrokerOptions>,
+}
+
+/// A local `nats-server` with JetStream, started first, its store in
+/// `data/nats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerOptions {
+    /// Client port (NATS' usual 4222).
+    pub port: u16,
+    /// Monitoring port (`/healthz`; NATS' usual 8222).
+    pub monitor_port: u16,
+}
+
+impl BrokerOptions {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+/// `name` in the directories of `PATH`, if it is there.
+fn in_path(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// One process to run.
@@ -115,6 +143,29 @@ pub fn plan(config: &Config, options: &Options) -> Result<Vec<ProcessSpec>, Plan
     let mut services: Vec<_> = config.services.iter().collect();
     services.sort_by_key(|s| s.name == "order-service");
     let mut specs = Vec::new();
+    if let Some(broker) = options.broker {
+        let store = options.data_dir.join("nats");
+        specs.push(ProcessSpec {
+            label: "nats".to_owned(),
+            binary: in_path("nats-server"),
+            args: vec![
+                "-a".to_owned(),
+                "127.0.0.1".to_owned(),
+                "-p".to_owned(),
+                broker.port.to_string(),
+                "-m".to_owned(),
+                broker.monitor_port.to_string(),
+                "-js".to_owned(),
+                "-sd".to_owned(),
+                store.display().to_string(),
+            ],
+            listen: vec![
+                SocketAddr::from(([127, 0, 0, 1], broker.port)),
+                SocketAddr::from(([127, 0, 0, 1], broker.monitor_port)),
+            ],
+            health_url: format!("http://127.0.0.1:{}/healthz", broker.monitor_port),
+        });
+    }
     for service in services {
         for (index, address) in service.instances.iter().enumerate() {
             let listen: SocketAddr = address.parse().map_err(|_| PlanError::NotLocal {
@@ -134,6 +185,11 @@ pub fn plan(config: &Config, options: &Options) -> Result<Vec<ProcessSpec>, Plan
                     .display()
                     .to_string(),
             ];
+            if let Some(broker) = options.broker
+                && matches!(service.name.as_str(), "order-service" | "product-service")
+            {
+                args.extend(["--broker".to_owned(), broker.url()]);
+            }
             if service.name == "order-service" {
                 for (flag, dependency) in [
                     ("--users-url", "user-service"),

@@ -23,6 +23,17 @@ struct Cli {
     /// Seconds to wait for every service to be healthy.
     #[arg(long, default_value_t = 60)]
     ready_timeout: u64,
+    /// Port of the local nats-server (JetStream) that carries the order
+    /// events; its store is DATA_DIR/nats.
+    #[arg(long, default_value_t = 4222)]
+    nats_port: u16,
+    /// Monitoring port of the local nats-server.
+    #[arg(long, default_value_t = 8222)]
+    nats_monitor_port: u16,
+    /// Run without a message broker: events wait in each service's outbox,
+    /// cancellations call product-service directly.
+    #[arg(long)]
+    no_broker: bool,
 }
 
 #[tokio::main]
@@ -43,6 +54,10 @@ async fn main() -> ExitCode {
         data_dir: cli.data_dir,
         bin_dir,
         ready_timeout: Duration::from_secs(cli.ready_timeout),
+        broker: (!cli.no_broker).then_some(stack::BrokerOptions {
+            port: cli.nats_port,
+            monitor_port: cli.nats_monitor_port,
+        }),
     })
     .await
 }

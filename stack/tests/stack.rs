@@ -105,6 +105,8 @@ routes:
     )
     .unwrap();
 
+    // The local broker on free ports too.
+    let (nats, nats_monitor) = (free_addr().port(), free_addr().port());
     let mut stack = tokio::process::Command::new(STACK)
         .arg("--config")
         .arg(&config)
@@ -112,6 +114,8 @@ routes:
         .arg(dir.path().join("data"))
         .arg("--bin-dir")
         .arg(bin_dir())
+        .args(["--nats-port", &nats.to_string()])
+        .args(["--nats-monitor-port", &nats_monitor.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -280,6 +284,7 @@ async fn a_busy_port_is_named_and_nothing_starts() {
         .arg(dir.path().join("data"))
         .arg("--bin-dir")
         .arg(bin_dir())
+        .arg("--no-broker")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));

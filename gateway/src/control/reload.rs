@@ -109,7 +109,7 @@ pub struct Reloader {
     last: Mutex<Option<Attempt>>,
 }
 
-/// The bytes of the file the running version came from.
+/// The bytes of the file last applied, found unchanged, or rejected.
 struct LoadedBytes(Option<Vec<u8>>);
 
 impl Reloader {
@@ -162,7 +162,10 @@ impl Reloader {
         }
         let started = std::time::Instant::now();
         let outcome = self.attempt(forced).await;
-        if matches!(outcome, Outcome::Applied { .. } | Outcome::Unchanged { .. }) {
+        // An invalid file is reported once, not again at every poll; a
+        // version that could not be built (a name that did not resolve) is
+        // tried again.
+        if !matches!(outcome, Outcome::Failed(_)) {
             loaded.0 = bytes;
         }
         self.record(trigger, started, &outcome);

@@ -13,11 +13,16 @@
 //!   running its migrations once, safely across processes.
 //! - [`serve`]: binding, graceful shutdown on SIGTERM/Ctrl-C, the common
 //!   router layers, logging set-up and the `/health` handler.
+//! - [`events`]: the transactional outbox, its relay to NATS JetStream, and
+//!   event consumers that apply each event once.
+//! - [`fault`]: the crash tests' fault injection.
 //! - [`testing`]: calling a router in-process from tests.
 
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod extract;
+pub mod fault;
 pub mod money;
 pub mod serve;
 pub mod testing;

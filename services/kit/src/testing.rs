@@ -64,10 +64,21 @@ impl ChildService {
     /// Later output is drained in the background so the child never blocks
     /// on a full pipe.
     pub async fn start(binary: &str, args: &[&str]) -> std::io::Result<ChildService> {
+        Self::start_with_env(binary, args, &[]).await
+    }
+
+    /// [`Self::start`] with environment variables (e.g. the fault
+    /// injection of [`crate::fault`]).
+    pub async fn start_with_env(
+        binary: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> std::io::Result<ChildService> {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(binary)
             .args(args)
             .env("RUST_LOG", "warn,service_kit::serve=info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
@@ -100,5 +111,99 @@ impl ChildService {
     /// Stops the child with SIGKILL and waits for it.
     pub async fn kill(mut self) -> std::io::Result<()> {
         self.child.kill().await
+    }
+
+    /// Waits (up to `limit`) for the child to exit by itself; its status.
+    pub async fn exited(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+/// A real `nats-server` with JetStream on a free loopback port, its store in
+/// a temp dir; killed when dropped. [`Nats::stop`] and [`Nats::start_again`]
+/// take it down and bring it back on the same port and store.
+pub struct Nats {
+    pub port: u16,
+    store: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl Nats {
+    /// Starts a server and waits until it accepts connections.
+    pub async fn start() -> std::io::Result<Nats> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut nats = Nats {
+            port,
+            store: tempfile::tempdir()?,
+            child: None,
+        };
+        nats.start_again().await?;
+        Ok(nats)
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again (after [`Self::stop`]) on the same port and
+    /// store.
+    pub async fn start_again(&mut self) -> std::io::Result<()> {
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|err| {
+                std::io::Error::other(format!("nats-server (scripts/setup.sh installs it): {err}"))
+            })?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            if std::time::Instant::now() > deadline {
+                return Err(std::io::Error::other("nats-server did not start in 10 s"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Kills the server (its store stays) and waits until its port is free.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

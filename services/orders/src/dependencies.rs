@@ -101,27 +101,32 @@ impl Dependencies {
 
     /// Holds stock for every item under `reservation_id`, or for none.
     /// Passes on 404 `Product N not found` and 400 `Insufficient stock for
-    /// product N`. If the call fails in a way that leaves its outcome unknown
-    /// (timeout, connection lost), the reservation is released before the
-    /// 503 is returned, so no stock is left held.
+    /// product N` as [`Refused`]. If the call fails in a way that leaves its
+    /// outcome unknown (timeout, connection lost), the reservation is
+    /// released before the 503 is returned; [`Refused::Unknown`] says
+    /// whether that release went through (if not, stock may still be held
+    /// and the order must stay pending for recovery).
     pub async fn reserve(
         &self,
         reservation_id: &str,
         items: &[ItemRequest],
-    ) -> Result<Reservation, AppError> {
+    ) -> Result<Reservation, Refused> {
         let url = format!("{}/reservations", self.products_url);
         let body = ReserveRequest {
             id: Some(reservation_id.to_owned()),
             items: items.to_vec(),
         };
+        let unknown = |error: AppError, released: bool| Refused::Unknown { error, released };
         let response = match self.http.post(&url).json(&body).send().await {
             Ok(response) => response,
+            Err(err) if err.is_connect() => {
+                // Nothing reached product-service.
+                return Err(Refused::Clean(unreachable("Product service", &err)));
+            }
             Err(err) => {
-                if !err.is_connect() {
-                    // The request may have been applied: undo it.
-                    self.release(reservation_id).await;
-                }
-                return Err(unreachable("Product service", &err));
+                // The request may have been applied: undo it.
+                let released = self.release(reservation_id).await;
+                return Err(unknown(unreachable("Product service", &err), released));
             }
         };
         let status = response.status();
@@ -129,36 +134,81 @@ impl Dependencies {
             return match response.json::<Reservation>().await {
                 Ok(reservation) => Ok(reservation),
                 Err(err) => {
-                    self.release(reservation_id).await;
-                    Err(unreachable("Product service", &err))
+                    let released = self.release(reservation_id).await;
+                    Err(unknown(unreachable("Product service", &err), released))
                 }
             };
         }
         match status {
-            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
-                Err(AppError::new(status, detail_of(response).await))
-            }
+            StatusCode::NOT_FOUND
+            | StatusCode::BAD_REQUEST
+            | StatusCode::UNPROCESSABLE_ENTITY
+            | StatusCode::CONFLICT => Err(Refused::Clean(AppError::new(
+                status,
+                detail_of(response).await,
+            ))),
             other => {
                 // A failed reservation rolls back, but releasing is
                 // idempotent and costs little: leave nothing to chance.
-                self.release(reservation_id).await;
-                Err(bad_answer("Product service", other))
+                let released = self.release(reservation_id).await;
+                Err(unknown(bad_answer("Product service", other), released))
             }
         }
     }
 
-    /// Gives a reservation's stock back. Retries a few times; if
-    /// product-service stays unreachable the reservation id is logged as an
-    /// error for an operator (releasing is idempotent, so replaying
-    /// `POST /reservations/{id}/release` later is safe).
-    pub async fn release(&self, reservation_id: &str) {
+    /// Confirms a held reservation (the order is placed; the hold no longer
+    /// expires). `Ok(false)`: it was released or expired first.
+    pub async fn confirm(&self, reservation_id: &str) -> Result<bool, AppError> {
+        let url = format!(
+            "{}/reservations/{reservation_id}/confirm",
+            self.products_url
+        );
+        let response = self
+            .http
+            .post(&url)
+            .send()
+            .await
+            .map_err(|err| unreachable("Product service", &err))?;
+        match response.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::CONFLICT | StatusCode::NOT_FOUND => Ok(false),
+            other => Err(bad_answer("Product service", other)),
+        }
+    }
+
+    /// The reservation as product-service has it; `None` if it never saw
+    /// the id.
+    pub async fn reservation(&self, reservation_id: &str) -> Result<Option<Reservation>, AppError> {
+        let url = format!("{}/reservations/{reservation_id}", self.products_url);
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|err| unreachable("Product service", &err))?;
+        match response.status() {
+            s if s.is_success() => response
+                .json::<Reservation>()
+                .await
+                .map(Some)
+                .map_err(|err| unreachable("Product service", &err)),
+            StatusCode::NOT_FOUND => Ok(None),
+            other => Err(bad_answer("Product service", other)),
+        }
+    }
+
+    /// Gives a reservation's stock back; whether product-service
+    /// confirmed it. Retries a few times; if product-service stays
+    /// unreachable the order stays pending and recovery releases it later
+    /// (releasing is idempotent).
+    pub async fn release(&self, reservation_id: &str) -> bool {
         let url = format!(
             "{}/reservations/{reservation_id}/release",
             self.products_url
         );
         for attempt in 1..=RELEASE_ATTEMPTS {
             match self.http.post(&url).send().await {
-                Ok(response) if response.status().is_success() => return,
+                Ok(response) if response.status().is_success() => return true,
                 Ok(response) => {
                     tracing::warn!(reservation = reservation_id, status = %response.status(), attempt, "release refused");
                 }
@@ -168,10 +218,29 @@ impl Dependencies {
             }
             tokio::time::sleep(RELEASE_BACKOFF * attempt).await;
         }
-        tracing::error!(
+        tracing::warn!(
             reservation = reservation_id,
-            "could not release reservation; replay POST {url} when product-service is back"
+            "could not release the reservation now; recovery will"
         );
+        false
+    }
+}
+
+/// Why a reservation was not made.
+#[derive(Debug)]
+pub enum Refused {
+    /// Nothing is held: refused (404, 400, 409) or never reached.
+    Clean(AppError),
+    /// The outcome was unknown; a release was attempted (`released`: it
+    /// went through, so nothing is held).
+    Unknown { error: AppError, released: bool },
+}
+
+impl Refused {
+    pub fn error(self) -> AppError {
+        match self {
+            Refused::Clean(error) | Refused::Unknown { error, .. } => error,
+        }
     }
 }
 

@@ -1,39 +1,54 @@
 //! order-service: places orders against the user and product services.
 //!
 //! Layout:
-//! - this file: routes, state, the order model and the database side.
+//! - this file: routes, state, the order model, reading orders.
+//! - [`saga`]: placing an order as a saga with durable states, recovering
+//!   interrupted ones, cancelling (through the broker when there is one).
 //! - [`dependencies`]: the HTTP calls to user-service and product-service
 //!   (one pooled client, timeouts, error mapping).
 //!
-//! Placing an order: validate and merge the lines, check the user, reserve
-//! all stock in one call (all or nothing), record the order; if recording
-//! fails, release the reservation. The steps after validation run in their
-//! own task, so a client that hangs up half-way cannot leave stock reserved
-//! for an order that was never written.
+//! The steps of placing an order run in their own task, so a client that
+//! hangs up half-way cannot stop it between two steps; and every step's
+//! outcome is in the database before the next one, so a crash anywhere is
+//! finished by recovery.
+
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use product_service::api::{ItemRequest, Reservation, merge_items};
+use axum::routing::{get, post};
+use product_service::api::{ItemRequest, merge_items};
 use serde::{Deserialize, Serialize};
 use service_kit::db::{self, DbError, Migration};
+use service_kit::events::{self, Broker, Relay};
 use service_kit::extract::{Json, Path, Query};
 use service_kit::money::Money;
 use service_kit::{AppError, AppResult};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqlitePool};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 pub mod dependencies;
+pub mod saga;
 
 pub use dependencies::Dependencies;
 
 pub const SERVICE_NAME: &str = "order-service";
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../migrations/0001_orders.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../migrations/0001_orders.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../migrations/0002_saga.sql"),
+    },
+    Migration {
+        version: 3,
+        sql: events::OUTBOX_SQL,
+    },
+];
 
 /// Most lines in one order (after merging duplicates).
 const MAX_LINES: usize = 100;
@@ -44,6 +59,60 @@ const MAX_QUANTITY: i64 = 1_000_000;
 pub struct AppState {
     pub db: SqlitePool,
     pub deps: Dependencies,
+    /// Publishes the outbox (idle without a broker).
+    pub relay: Relay,
+    /// The broker, if events flow (cancellation goes through it).
+    pub broker: Option<Broker>,
+}
+
+impl AppState {
+    /// State without a broker.
+    pub fn new(db: SqlitePool, deps: Dependencies) -> Self {
+        AppState {
+            db,
+            deps,
+            relay: Relay::idle(),
+            broker: None,
+        }
+    }
+}
+
+/// How recovery runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Recovery {
+    /// Pending orders younger than this are left alone.
+    pub grace: Duration,
+    pub every: Duration,
+}
+
+impl Default for Recovery {
+    fn default() -> Self {
+        Recovery {
+            grace: saga::DEFAULT_RECOVERY_GRACE,
+            every: saga::DEFAULT_RECOVERY_INTERVAL,
+        }
+    }
+}
+
+/// Starts what runs beside the HTTP API: recovery, and with a broker the
+/// outbox relay and the `stock.released` consumer.
+pub fn start_background(state: &mut AppState, broker: Option<Broker>, recovery: Recovery) {
+    if let Some(broker) = broker {
+        state.relay = Relay::spawn(state.db.clone(), broker.clone());
+        state.broker = Some(broker.clone());
+        let consumer = state.clone();
+        events::consume(
+            broker,
+            "STOCK",
+            SERVICE_NAME,
+            "stock.released",
+            move |event| {
+                let state = consumer.clone();
+                async move { saga::on_stock_released(&state, event).await }
+            },
+        );
+    }
+    saga::spawn_recovery(state.clone(), recovery.grace, recovery.every);
 }
 
 pub async fn open_db(path: &std::path::Path) -> Result<SqlitePool, DbError> {
@@ -54,6 +123,7 @@ pub fn app(state: AppState) -> Router {
     let routes = Router::new()
         .route("/orders", get(list_orders).post(create_order))
         .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/cancel", post(cancel_order))
         .with_state(state.clone());
     service_kit::serve::finish_router(routes, SERVICE_NAME, state.db)
 }
@@ -71,18 +141,54 @@ pub struct OrderItem {
     pub price: Money,
 }
 
+/// An order's state: see [`saga`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Confirmed,
+    Failed,
+    Cancelling,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Confirmed => "confirmed",
+            Status::Failed => "failed",
+            Status::Cancelling => "cancelling",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Status> {
+        [
+            Status::Pending,
+            Status::Confirmed,
+            Status::Failed,
+            Status::Cancelling,
+            Status::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
     pub id: i64,
     pub user_id: i64,
     pub items: Vec<OrderItem>,
     pub total: Money,
-    pub status: String,
+    pub status: Status,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// Why a failed order failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
-
-const CONFIRMED: &str = "confirmed";
 
 /// Checks the lines and merges duplicates; every problem is a 422.
 fn validated_items(items: &[ItemRequest]) -> AppResult<Vec<ItemRequest>> {
@@ -115,104 +221,69 @@ async fn create_order(
     let items = validated_items(&new_order.items)?;
     let user_id = new_order.user_id;
     // Detached from the request: dropping this handler (client gone) must
-    // not stop the task between reserving stock and recording the order.
-    let placed = tokio::spawn(place_order(state, user_id, items))
+    // not stop the task between two steps.
+    let placed = tokio::spawn(async move { saga::place(&state, user_id, items).await })
         .await
         .map_err(|err| AppError::internal(format!("order task failed: {err}")))??;
     Ok((StatusCode::CREATED, Json(placed)))
 }
 
-async fn place_order(state: AppState, user_id: i64, items: Vec<ItemRequest>) -> AppResult<Order> {
-    state.deps.check_user(user_id).await?;
-    let reservation_id = uuid::Uuid::new_v4().to_string();
-    let reservation = state.deps.reserve(&reservation_id, &items).await?;
-    match record_order(&state.db, user_id, &reservation).await {
-        Ok(order) => {
-            tracing::info!(order = order.id, user_id, total = %order.total, "order placed");
-            Ok(order)
-        }
-        Err(err) => {
-            tracing::warn!(reservation = %reservation_id, error = %err, "recording the order failed; releasing stock");
-            state.deps.release(&reservation_id).await;
-            Err(err)
-        }
-    }
-}
-
-/// Writes the order and its lines in one transaction.
-async fn record_order(
-    db: &SqlitePool,
-    user_id: i64,
-    reservation: &Reservation,
-) -> AppResult<Order> {
-    let items: Vec<OrderItem> = reservation
-        .items
-        .iter()
-        .map(|i| OrderItem {
-            product_id: i.product_id,
-            quantity: i.quantity,
-            price: i.price,
-        })
-        .collect();
-    let total = items
-        .iter()
-        .try_fold(Money::ZERO, |sum, i| {
-            i.price
-                .checked_mul(i.quantity)
-                .and_then(|line| sum.checked_add(line))
-        })
-        .ok_or_else(|| AppError::unprocessable("order total is too large"))?;
-
-    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
-    let row = sqlx::query(
-        "INSERT INTO orders (user_id, total_cents, status, reservation_id)
-         VALUES (?, ?, ?, ?) RETURNING id, created_at",
-    )
-    .bind(user_id)
-    .bind(total.cents())
-    .bind(CONFIRMED)
-    .bind(&reservation.id)
-    .fetch_one(&mut *tx)
-    .await?;
-    let id: i64 = row.try_get("id")?;
-    let created_at: String = row.try_get("created_at")?;
-    for item in &items {
-        sqlx::query(
-            "INSERT INTO order_items (order_id, product_id, quantity, price_cents)
-             VALUES (?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(item.product_id)
-        .bind(item.quantity)
-        .bind(item.price.cents())
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(Order {
-        id,
-        user_id,
-        items,
-        total,
-        status: CONFIRMED.to_owned(),
-        created_at,
-    })
+/// `POST /orders/{id}/cancel`: 202 while the stock is being released (the
+/// broker carries it), 200 once cancelled; 404 unknown; 409 failed or not
+/// confirmed yet.
+async fn cancel_order(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> AppResult<(StatusCode, Json<Order>)> {
+    let (order, on_its_way) = saga::cancel(&state, id).await?;
+    let status = if on_its_way {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(order)))
 }
 
 #[derive(Debug, Deserialize)]
 pub struct OrderFilter {
     pub user_id: Option<i64>,
+    /// One state, or `all`; default: the orders their clients were told
+    /// were placed (confirmed, cancelling, cancelled).
+    pub status: Option<String>,
+}
+
+/// The statuses `status=` selects.
+fn statuses(filter: Option<&str>) -> AppResult<Vec<&'static str>> {
+    match filter {
+        None => Ok(vec!["confirmed", "cancelling", "cancelled"]),
+        Some("all") => Ok(vec![
+            "pending",
+            "confirmed",
+            "failed",
+            "cancelling",
+            "cancelled",
+        ]),
+        Some(one) => Status::parse(one).map(|s| vec![s.as_str()]).ok_or_else(|| {
+            AppError::unprocessable(
+                "status must be pending, confirmed, failed, cancelling, cancelled or all",
+            )
+        }),
+    }
 }
 
 async fn list_orders(
     State(state): State<AppState>,
     Query(filter): Query<OrderFilter>,
 ) -> AppResult<Json<Vec<Order>>> {
+    let wanted =
+        serde_json::to_string(&statuses(filter.status.as_deref())?).map_err(AppError::internal)?;
     let rows = sqlx::query(
-        "SELECT id, user_id, total_cents, status, created_at FROM orders
-         WHERE ?1 IS NULL OR user_id = ?1 ORDER BY id",
+        "SELECT id, user_id, total_cents, status, created_at, failure_reason FROM orders
+         WHERE (?1 IS NULL OR user_id = ?1) AND status IN (SELECT value FROM json_each(?2))
+         ORDER BY id",
     )
     .bind(filter.user_id)
+    .bind(&wanted)
     .fetch_all(&state.db)
     .await?;
     let mut orders = rows
@@ -223,10 +294,11 @@ async fn list_orders(
     let item_rows = sqlx::query(
         "SELECT oi.order_id, oi.product_id, oi.quantity, oi.price_cents
          FROM order_items oi JOIN orders o ON o.id = oi.order_id
-         WHERE ?1 IS NULL OR o.user_id = ?1
+         WHERE (?1 IS NULL OR o.user_id = ?1) AND o.status IN (SELECT value FROM json_each(?2))
          ORDER BY oi.order_id, oi.product_id",
     )
     .bind(filter.user_id)
+    .bind(&wanted)
     .fetch_all(&state.db)
     .await?;
     let mut index = 0;
@@ -244,25 +316,40 @@ async fn list_orders(
 }
 
 async fn get_order(State(state): State<AppState>, Path(id): Path<i64>) -> AppResult<Json<Order>> {
-    let row =
-        sqlx::query("SELECT id, user_id, total_cents, status, created_at FROM orders WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&state.db)
-            .await?
-            .ok_or_else(|| AppError::not_found("Order not found"))?;
+    let mut tx = state.db.begin().await?;
+    let order = load_order(&mut tx, id)
+        .await?
+        .ok_or_else(|| AppError::not_found("Order not found"))?;
+    Ok(Json(order))
+}
+
+/// The order `id` with its lines, in any state.
+pub async fn load_order(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: i64,
+) -> Result<Option<Order>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT id, user_id, total_cents, status, created_at, failure_reason FROM orders WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
     let mut order = order_from_row(&row)?;
     let item_rows = sqlx::query(
         "SELECT product_id, quantity, price_cents FROM order_items
          WHERE order_id = ? ORDER BY product_id",
     )
     .bind(id)
-    .fetch_all(&state.db)
+    .fetch_all(&mut **tx)
     .await?;
     order.items = item_rows
         .iter()
         .map(item_from_row)
         .collect::<Result<_, _>>()?;
-    Ok(Json(order))
+    Ok(Some(order))
 }
 
 fn order_from_row(row: &SqliteRow) -> Result<Order, sqlx::Error> {
@@ -271,8 +358,9 @@ fn order_from_row(row: &SqliteRow) -> Result<Order, sqlx::Error> {
         user_id: row.try_get("user_id")?,
         items: Vec::new(),
         total: Money::from_cents(row.try_get("total_cents")?),
-        status: row.try_get("status")?,
+        status: Status::parse(row.try_get("status")?).unwrap_or(Status::Failed),
         created_at: row.try_get("created_at")?,
+        reason: row.try_get("failure_reason")?,
     })
 }
 

@@ -3,9 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use order_service::{AppState, Dependencies, SERVICE_NAME, app, open_db};
+use order_service::{
+    AppState, Dependencies, Recovery, SERVICE_NAME, app, open_db, start_background,
+};
 
 /// Order service: places orders, reserving stock at the product service.
 #[derive(Debug, Parser)]
@@ -23,6 +26,19 @@ struct Settings {
     /// Base URL of product-service.
     #[arg(long, env = "PRODUCTS_URL", default_value = "http://127.0.0.1:8002")]
     products_url: String,
+    /// NATS server with JetStream for the order events (e.g.
+    /// nats://127.0.0.1:4222); cancellations then release stock through it.
+    /// Without it events wait in the outbox and cancellation calls
+    /// product-service directly.
+    #[arg(long, env = "BROKER_URL")]
+    broker: Option<String>,
+    /// Pending orders younger than this are left to the request placing
+    /// them; older ones are finished by recovery.
+    #[arg(long, env = "RECOVERY_GRACE", value_parser = humantime::parse_duration, default_value = "15s")]
+    recovery_grace: Duration,
+    /// How often recovery looks for interrupted orders.
+    #[arg(long, env = "RECOVERY_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    recovery_interval: Duration,
 }
 
 #[tokio::main]
@@ -36,9 +52,25 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let broker = match &settings.broker {
+        Some(url) => match service_kit::events::Broker::connect(url).await {
+            Ok(broker) => Some(broker),
+            Err(err) => {
+                tracing::error!("{SERVICE_NAME}: broker {url}: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let recovery = Recovery {
+        grace: settings.recovery_grace,
+        every: settings.recovery_interval,
+    };
     let db = open_db(&settings.db).await;
     service_kit::serve::service_main(SERVICE_NAME, settings.listen, db, |db| {
-        app(AppState { db, deps })
+        let mut state = AppState::new(db, deps);
+        start_background(&mut state, broker, recovery);
+        app(state)
     })
     .await
 }

@@ -29,12 +29,9 @@ async fn start_orders(
 ) -> (sqlx::SqlitePool, SocketAddr) {
     let db = order_service::open_db(db_path).await.unwrap();
     let deps = Dependencies::new(users_url, products_url).unwrap();
-    let addr = spawn_local(order_service::app(AppState {
-        db: db.clone(),
-        deps,
-    }))
-    .await
-    .unwrap();
+    let addr = spawn_local(order_service::app(AppState::new(db.clone(), deps)))
+        .await
+        .unwrap();
     (db, addr)
 }
 
@@ -50,9 +47,9 @@ impl Stack {
         let products_db = product_service::open_db(&dir.path().join("products.db"))
             .await
             .unwrap();
-        let products = spawn_local(product_service::app(product_service::AppState {
-            db: products_db,
-        }))
+        let products = spawn_local(product_service::app(product_service::AppState::new(
+            products_db,
+        )))
         .await
         .unwrap();
         let (orders_db, orders) = start_orders(

@@ -29,14 +29,46 @@ pub struct ReservedItem {
     pub price: Money,
 }
 
+/// A reservation's state: `held` until the order confirms it; `released`
+/// (compensated, or its order cancelled) and `expired` (not confirmed in
+/// time) gave their stock back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReservationStatus {
     Held,
+    Confirmed,
     Released,
+    Expired,
 }
 
-/// Answer of `POST /reservations` and `POST /reservations/{id}/release`.
+impl ReservationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Held => "held",
+            ReservationStatus::Confirmed => "confirmed",
+            ReservationStatus::Released => "released",
+            ReservationStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ReservationStatus> {
+        Some(match text {
+            "held" => ReservationStatus::Held,
+            "confirmed" => ReservationStatus::Confirmed,
+            "released" => ReservationStatus::Released,
+            "expired" => ReservationStatus::Expired,
+            _ => return None,
+        })
+    }
+
+    /// Whether the reservation still takes stock.
+    pub fn holds_stock(self) -> bool {
+        matches!(self, ReservationStatus::Held | ReservationStatus::Confirmed)
+    }
+}
+
+/// Answer of `POST /reservations`, `GET /reservations/{id}` and the
+/// confirm and release endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
     pub id: String,

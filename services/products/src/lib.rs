@@ -4,17 +4,23 @@
 //! - [`catalog`]: `POST /products`, `GET /products?category=`,
 //!   `GET /products/{id}`, `PUT /products/{id}/stock?stock_change=N`.
 //! - [`reservations`]: `POST /reservations` (all-or-nothing hold of stock for
-//!   several products) and `POST /reservations/{id}/release` (its
-//!   compensation), used by the order service.
+//!   several products), `GET /reservations/{id}`, `POST
+//!   /reservations/{id}/confirm` (the order is placed) and `POST
+//!   /reservations/{id}/release` (compensation, cancellation), used by the
+//!   order service; a held reservation not confirmed in time expires.
+//!   `order.cancelled` events release their reservation too.
 //! - [`api`]: the JSON bodies of the reservation endpoints, shared with the
 //!   order service so both sides agree on the wire format.
 //!
 //! Invariant: stock only ever changes through a single conditional `UPDATE`
 //! inside the statement or transaction that needs it; never read-then-write.
 
+use std::time::Duration;
+
 use axum::Router;
 use axum::routing::{get, post, put};
 use service_kit::db::{self, DbError, Migration};
+use service_kit::events::{self, Broker, Relay};
 use sqlx::SqlitePool;
 
 pub mod api;
@@ -33,11 +39,61 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("../migrations/0002_seed.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../migrations/0003_reservation_states.sql"),
+    },
+    Migration {
+        version: 4,
+        sql: events::OUTBOX_SQL,
+    },
 ];
+
+/// How long a reservation is held unconfirmed before its stock returns: far
+/// longer than placing an order takes (milliseconds) or than the order
+/// service's recovery needs after a crash (seconds), short enough that stock
+/// an order service never comes back for is not gone for long.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(300);
 
 #[derive(Clone)]
 pub struct AppState {
     pub db: SqlitePool,
+    /// How long an unconfirmed reservation holds its stock.
+    pub hold: Duration,
+    /// Publishes the outbox (idle without a broker).
+    pub relay: Relay,
+}
+
+impl AppState {
+    /// State for `db` with the default hold and no broker.
+    pub fn new(db: SqlitePool) -> Self {
+        AppState {
+            db,
+            hold: DEFAULT_HOLD,
+            relay: Relay::idle(),
+        }
+    }
+}
+
+/// Starts what runs beside the HTTP API: expiring reservations, and with a
+/// broker the outbox relay and the `order.cancelled` consumer.
+pub fn start_background(state: &mut AppState, broker: Option<Broker>) {
+    if let Some(broker) = broker {
+        state.relay = Relay::spawn(state.db.clone(), broker.clone());
+        let consumer = state.clone();
+        events::consume(
+            broker,
+            "ORDERS",
+            SERVICE_NAME,
+            "orders.cancelled",
+            move |event| {
+                let state = consumer.clone();
+                async move { reservations::on_order_cancelled(&state, event).await }
+            },
+        );
+    }
+    let every = (state.hold / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    reservations::spawn_expiry(state.clone(), every);
 }
 
 /// Opens the product database at `path`, creating, migrating and seeding it
@@ -56,6 +112,8 @@ pub fn app(state: AppState) -> Router {
         .route("/products/{id}", get(catalog::get_product))
         .route("/products/{id}/stock", put(catalog::change_stock))
         .route("/reservations", post(reservations::reserve))
+        .route("/reservations/{id}", get(reservations::get))
+        .route("/reservations/{id}/confirm", post(reservations::confirm))
         .route("/reservations/{id}/release", post(reservations::release))
         .with_state(state.clone());
     service_kit::serve::finish_router(routes, SERVICE_NAME, state.db)

@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use product_service::{AppState, SERVICE_NAME, app, open_db};
+use product_service::{AppState, SERVICE_NAME, app, open_db, start_background};
 
 /// Product service: catalogue, stock and reservations.
 #[derive(Debug, Parser)]
@@ -17,13 +18,37 @@ struct Settings {
     /// SQLite database file (created if missing).
     #[arg(long, env = "PRODUCT_SERVICE_DB", default_value = "data/products.db")]
     db: PathBuf,
+    /// NATS server with JetStream for the stock events and the
+    /// order.cancelled consumer (e.g. nats://127.0.0.1:4222); without it
+    /// events wait in the outbox.
+    #[arg(long, env = "BROKER_URL")]
+    broker: Option<String>,
+    /// How long a reservation is held unconfirmed before its stock returns
+    /// (e.g. 5m, 30s).
+    #[arg(long, env = "RESERVATION_HOLD", value_parser = humantime::parse_duration, default_value = "5m")]
+    reservation_hold: Duration,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
     service_kit::serve::init_tracing();
+    let broker = match &settings.broker {
+        Some(url) => match service_kit::events::Broker::connect(url).await {
+            Ok(broker) => Some(broker),
+            Err(err) => {
+                tracing::error!("{SERVICE_NAME}: broker {url}: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let db = open_db(&settings.db).await;
-    service_kit::serve::service_main(SERVICE_NAME, settings.listen, db, |db| app(AppState { db }))
-        .await
+    service_kit::serve::service_main(SERVICE_NAME, settings.listen, db, |db| {
+        let mut state = AppState::new(db);
+        state.hold = settings.reservation_hold;
+        start_background(&mut state, broker);
+        app(state)
+    })
+    .await
 }

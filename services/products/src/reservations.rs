@@ -1,10 +1,15 @@
 //! Stock reservations: hold stock for several products at once, all or
-//! nothing, and give it back (the order service's compensation).
+//! nothing; confirm the hold for a placed order; give it back (the order
+//! service's compensation, or a cancelled order); and let a hold that is
+//! never confirmed expire.
 //!
-//! Both operations run in one `BEGIN IMMEDIATE` transaction, which takes
-//! SQLite's write lock up front: two reservations (in this process or in
-//! another instance on the same file) run one after the other, and a failure
-//! half-way rolls back every line already taken.
+//! States: `held` → `confirmed` | `released` | `expired`; `confirmed` →
+//! `released`. Every change runs in one `BEGIN IMMEDIATE` transaction (the
+//! write lock up front, so changes in this process or in another instance
+//! on the same file run one after the other) and records its event in the
+//! outbox in that same transaction (`stock.reserved`, `stock.released`,
+//! `stock.expired`). Every change is a conditional update of the status,
+//! so confirmation and expiry racing each other cannot both win.
 //!
 //! Reservation ids are chosen by the caller. Reserving an id that is already
 //! held returns the existing reservation (a retried request does not reserve
@@ -12,22 +17,28 @@
 //! a reserve that arrives late (the caller gave up waiting and released)
 //! cannot take stock that nobody will ever give back.
 
+use std::time::{Duration, SystemTime};
+
 use axum::extract::State;
 use axum::http::StatusCode;
+use serde_json::{Value, json};
+use service_kit::events;
 use service_kit::extract::{Json, Path};
 use service_kit::money::Money;
 use service_kit::{AppError, AppResult};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
-use crate::AppState;
 use crate::api::{Reservation, ReservationStatus, ReserveRequest, ReservedItem, merge_items};
 use crate::catalog::MAX_STOCK;
+use crate::{AppState, SERVICE_NAME};
 
 /// Most distinct products in one reservation; an order is a basket, not a
 /// warehouse transfer.
 const MAX_LINES: usize = 100;
 /// Longest caller-chosen reservation id.
 const MAX_ID_CHARS: usize = 64;
+/// Expired reservations handled per sweep transaction.
+const SWEEP_BATCH: i64 = 100;
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -37,9 +48,25 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn items_json(items: &[ReservedItem]) -> Value {
+    json!(
+        items
+            .iter()
+            .map(|i| json!({"product_id": i.product_id, "quantity": i.quantity, "price": i.price}))
+            .collect::<Vec<_>>()
+    )
+}
+
 /// `POST /reservations`: 201 with the held lines and their prices; 404
 /// `Product N not found`; 400 `Insufficient stock for product N`; 409 if the
-/// id was already released. Nothing is held unless everything is.
+/// id was already released or expired. Nothing is held unless everything
+/// is; the hold expires after the service's hold time unless confirmed.
 pub async fn reserve(
     State(state): State<AppState>,
     Json(request): Json<ReserveRequest>,
@@ -73,13 +100,14 @@ pub async fn reserve(
 
     let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
     match existing(&mut tx, &id).await? {
-        Some(reservation) if reservation.status == ReservationStatus::Held => {
+        Some(reservation) if reservation.status.holds_stock() => {
             // A retry of a reservation that went through: same answer.
             return Ok((StatusCode::OK, Json(reservation)));
         }
-        Some(_) => {
+        Some(reservation) => {
             return Err(AppError::conflict(format!(
-                "Reservation {id} was already released"
+                "Reservation {id} was already {}",
+                reservation.status.as_str()
             )));
         }
         None => {}
@@ -116,8 +144,9 @@ pub async fn reserve(
             price: Money::from_cents(price_cents),
         });
     }
-    sqlx::query("INSERT INTO reservations (id, status) VALUES (?, 'held')")
+    sqlx::query("INSERT INTO reservations (id, status, expires_at) VALUES (?, 'held', ?)")
         .bind(&id)
+        .bind(unix_now() + state.hold.as_secs() as i64)
         .execute(&mut *tx)
         .await?;
     for item in &reserved {
@@ -132,7 +161,17 @@ pub async fn reserve(
         .execute(&mut *tx)
         .await?;
     }
+    events::record(
+        &mut tx,
+        SERVICE_NAME,
+        "stock.reserved",
+        format!("reservation/{id}"),
+        json!({"reservation_id": id, "items": items_json(&reserved)}),
+    )
+    .await?;
     tx.commit().await?;
+    state.relay.wake();
+    service_kit::fault::exit_after("reserved");
     tracing::info!(reservation = %id, lines = reserved.len(), "stock reserved");
     Ok((
         StatusCode::CREATED,
@@ -144,9 +183,63 @@ pub async fn reserve(
     ))
 }
 
-/// `POST /reservations/{id}/release`: gives the held stock back, once.
-/// Idempotent: releasing again, or releasing an id never reserved, is a 200
-/// that changes no stock.
+/// `GET /reservations/{id}`: the reservation and its state; 404 if the id
+/// was never seen.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> AppResult<Json<Reservation>> {
+    if !valid_id(&id) {
+        return Err(AppError::unprocessable("invalid reservation id"));
+    }
+    let mut tx = state.db.begin().await?;
+    let reservation = existing(&mut tx, &id)
+        .await?
+        .ok_or_else(|| AppError::not_found("Reservation not found"))?;
+    Ok(Json(reservation))
+}
+
+/// `POST /reservations/{id}/confirm`: the order is placed; the hold no
+/// longer expires. Idempotent. 409 if it was released or expired first;
+/// 404 if unknown.
+pub async fn confirm(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> AppResult<Json<Reservation>> {
+    if !valid_id(&id) {
+        return Err(AppError::unprocessable("invalid reservation id"));
+    }
+    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let reservation = existing(&mut tx, &id)
+        .await?
+        .ok_or_else(|| AppError::not_found("Reservation not found"))?;
+    match reservation.status {
+        ReservationStatus::Confirmed => Ok(Json(reservation)),
+        ReservationStatus::Held => {
+            sqlx::query(
+                "UPDATE reservations SET status = 'confirmed', expires_at = NULL
+                 WHERE id = ? AND status = 'held'",
+            )
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            tracing::info!(reservation = %id, "reservation confirmed");
+            Ok(Json(Reservation {
+                status: ReservationStatus::Confirmed,
+                ..reservation
+            }))
+        }
+        other => Err(AppError::conflict(format!(
+            "Reservation {id} was already {}",
+            other.as_str()
+        ))),
+    }
+}
+
+/// `POST /reservations/{id}/release`: gives the stock back, once (from
+/// `held` or `confirmed`). Idempotent: releasing again, or releasing an id
+/// never reserved, is a 200 that changes no stock.
 pub async fn release(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -155,41 +248,143 @@ pub async fn release(
         return Err(AppError::unprocessable("invalid reservation id"));
     }
     let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
-    let reservation = match existing(&mut tx, &id).await? {
-        Some(r) if r.status == ReservationStatus::Released => return Ok(Json(r)),
+    let reservation = release_in(&mut tx, &id, Value::Null).await?;
+    tx.commit().await?;
+    state.relay.wake();
+    Ok(Json(reservation))
+}
+
+/// Releases `id` in `tx` (see [`release`]); `cause` goes into the
+/// `stock.released` event (the cancelled order, say).
+pub async fn release_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &str,
+    cause: Value,
+) -> AppResult<Reservation> {
+    let reservation = match existing(tx, id).await? {
+        Some(r) if !r.status.holds_stock() => return Ok(r),
         Some(r) => r,
         None => {
             // Never reserved (or not yet): remember the release so a late
             // reserve with this id is refused.
             sqlx::query("INSERT INTO reservations (id, status) VALUES (?, 'released')")
-                .bind(&id)
-                .execute(&mut *tx)
+                .bind(id)
+                .execute(&mut **tx)
                 .await?;
-            tx.commit().await?;
-            return Ok(Json(Reservation {
-                id,
+            return Ok(Reservation {
+                id: id.to_owned(),
                 status: ReservationStatus::Released,
                 items: Vec::new(),
-            }));
+            });
         }
     };
-    for item in &reservation.items {
+    give_back(tx, &reservation.items).await?;
+    sqlx::query(
+        "UPDATE reservations SET status = 'released', expires_at = NULL
+         WHERE id = ? AND status IN ('held', 'confirmed')",
+    )
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    events::record(
+        tx,
+        SERVICE_NAME,
+        "stock.released",
+        format!("reservation/{id}"),
+        json!({"reservation_id": id, "items": items_json(&reservation.items), "cause": cause}),
+    )
+    .await?;
+    tracing::info!(reservation = %id, lines = reservation.items.len(), "stock released");
+    Ok(Reservation {
+        status: ReservationStatus::Released,
+        ..reservation
+    })
+}
+
+async fn give_back(
+    tx: &mut Transaction<'static, Sqlite>,
+    items: &[ReservedItem],
+) -> Result<(), sqlx::Error> {
+    for item in items {
         sqlx::query("UPDATE products SET stock = stock + ? WHERE id = ?")
             .bind(item.quantity)
             .bind(item.product_id)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
-    sqlx::query("UPDATE reservations SET status = 'released' WHERE id = ?")
-        .bind(&id)
-        .execute(&mut *tx)
+    Ok(())
+}
+
+/// Expires the held reservations whose time is up (their stock returns,
+/// `stock.expired` is recorded); how many.
+pub async fn expire_due(db: &SqlitePool) -> Result<usize, sqlx::Error> {
+    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
+    let due: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM reservations WHERE status = 'held' AND expires_at <= ? LIMIT ?",
+    )
+    .bind(unix_now())
+    .bind(SWEEP_BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    for id in &due {
+        let Some(reservation) = existing(&mut tx, id).await? else {
+            continue;
+        };
+        give_back(&mut tx, &reservation.items).await?;
+        sqlx::query("UPDATE reservations SET status = 'expired', expires_at = NULL WHERE id = ? AND status = 'held'")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        events::record(
+            &mut tx,
+            SERVICE_NAME,
+            "stock.expired",
+            format!("reservation/{id}"),
+            json!({"reservation_id": id, "items": items_json(&reservation.items)}),
+        )
         .await?;
+        tracing::warn!(reservation = %id, "reservation expired unconfirmed: stock returned");
+    }
     tx.commit().await?;
-    tracing::info!(reservation = %id, lines = reservation.items.len(), "stock released");
-    Ok(Json(Reservation {
-        status: ReservationStatus::Released,
-        ..reservation
-    }))
+    Ok(due.len())
+}
+
+/// Expires due reservations every `every`, forever.
+pub fn spawn_expiry(state: AppState, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match expire_due(&state.db).await {
+                Ok(0) => {}
+                Ok(_) => state.relay.wake(),
+                Err(err) => {
+                    tracing::warn!(error = %err, "expiring reservations failed; will retry")
+                }
+            }
+        }
+    });
+}
+
+/// Applies an `order.cancelled` event: releases its reservation, once.
+pub async fn on_order_cancelled(state: &AppState, event: events::Delivered) -> Result<(), String> {
+    let Some(reservation_id) = event.data.get("reservation_id").and_then(Value::as_str) else {
+        tracing::error!(event = %event.id, "order.cancelled without a reservation_id: ignored");
+        return Ok(());
+    };
+    let apply = async {
+        let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+        if events::first_delivery(&mut tx, &event.id).await? {
+            let cause = json!({"event": event.id, "order_id": event.data.get("order_id")});
+            release_in(&mut tx, reservation_id, cause).await?;
+        }
+        tx.commit().await?;
+        Ok::<_, AppError>(())
+    };
+    apply.await.map_err(|err| err.to_string())?;
+    state.relay.wake();
+    Ok(())
 }
 
 async fn existing(
@@ -203,11 +398,7 @@ async fn existing(
     let Some(status) = status else {
         return Ok(None);
     };
-    let status = if status == "held" {
-        ReservationStatus::Held
-    } else {
-        ReservationStatus::Released
-    };
+    let status = ReservationStatus::parse(&status).unwrap_or(ReservationStatus::Released);
     let rows = sqlx::query(
         "SELECT product_id, quantity, price_cents FROM reservation_items
          WHERE reservation_id = ? ORDER BY product_id",

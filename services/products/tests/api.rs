@@ -11,7 +11,7 @@ use service_kit::testing::call;
 async fn fresh() -> (tempfile::TempDir, axum::Router) {
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(&dir.path().join("products.db")).await.unwrap();
-    (dir, app(AppState { db }))
+    (dir, app(AppState::new(db)))
 }
 
 async fn stock_of(app: &axum::Router, id: i64) -> i64 {
@@ -294,7 +294,7 @@ async fn a_release_that_overtakes_its_reserve_blocks_it() {
 async fn concurrent_stock_changes_lose_no_update() {
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(&dir.path().join("products.db")).await.unwrap();
-    let addr = service_kit::serve::spawn_local(app(AppState { db }))
+    let addr = service_kit::serve::spawn_local(app(AppState::new(db)))
         .await
         .unwrap();
     let client = reqwest::Client::new();

@@ -6,7 +6,12 @@
 //!
 //! The algorithm is GCRA (a token bucket without a refill timer) from the
 //! `governor` crate: one atomic word of state per key, no lock on the
-//! request path beyond the map's shard. Memory is bounded: keys whose
+//! request path beyond the map's shard. A request weighs two cells of half
+//! a period each, and the bucket holds one cell more than its requests'
+//! worth: so a request may come up to half a period before its turn, and
+//! one that comes after its turn loses nothing (with whole-period cells a
+//! request a millisecond late loses that millisecond for good, 2–4 % of the
+//! rate under load), while never more than `burst + 1` pass at once. Memory is bounded: keys whose
 //! bucket is full again are dropped every second (they behave exactly as an
 //! unknown key would), and past `max_keys` live keys, new keys share one
 //! overflow bucket (an attacker spraying addresses limits only itself and
@@ -114,7 +119,12 @@ pub struct RateLimit {
     limit: HeaderValue,
     /// Time to earn one request back.
     per_request: Duration,
+    /// Requests allowed at once above the first.
+    burst: u32,
 }
+
+/// Cells per request (see the module documentation).
+const CELLS: NonZeroU32 = NonZeroU32::new(2).expect("two is not zero");
 
 /// Numbers below this are sent from a table of header values made once
 /// (an integer header value is otherwise formatted and allocated).
@@ -153,11 +163,14 @@ impl RateLimit {
             .ok_or_else(|| {
                 "the rate is too high (more than one request per nanosecond)".to_owned()
             })?;
-        // The request the rate allows, and `burst` more.
-        let burst = u32::try_from(settings.burst.saturating_add(1)).unwrap_or(u32::MAX);
-        let quota = Quota::with_period(per_request)
-            .ok_or_else(|| "per must be greater than zero".to_owned())?
-            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+        let burst = u32::try_from(settings.burst).unwrap_or(u32::MAX / 2 - 2);
+        // `burst + 1` requests of two cells, and one cell of slack.
+        let cells = burst.saturating_mul(2).saturating_add(3);
+        let quota = Quota::with_period(per_request / 2)
+            .ok_or_else(|| {
+                "the rate is too high (more than one request per nanosecond)".to_owned()
+            })?
+            .allow_burst(NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN));
         let clock = MonotonicClock;
         let store = BoundedStore {
             map: DashMapStateStore::default(),
@@ -177,6 +190,7 @@ impl RateLimit {
             clock,
             limit: HeaderValue::from(settings.requests),
             per_request,
+            burst,
         })
     }
 
@@ -231,18 +245,24 @@ impl Plugin for RateLimit {
 
     fn request_filter(&self, ctx: &mut PluginContext<'_>) -> Verdict {
         let key = self.key(ctx);
-        match self.limiter.check_key(&key) {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
+        match self.limiter.check_key_n(&key, CELLS) {
+            Ok(Ok(snapshot)) => {
+                let remaining = snapshot.remaining_burst_capacity() / CELLS.get();
                 // The bucket is full again once the used part is earned back.
-                let full = (snapshot.quota().burst_size().get() - 1).saturating_sub(remaining);
+                let used = self.burst.saturating_sub(remaining);
                 ctx.extensions_mut().insert(Counted {
                     remaining,
-                    reset: self.per_request * full,
+                    reset: self.per_request * used,
                 });
                 Verdict::Continue
             }
-            Err(not_until) => {
+            Err(_insufficient_capacity) => {
+                // Not reached: a request's weight always fits the bucket.
+                Verdict::Respond(
+                    Answer::new(StatusCode::TOO_MANY_REQUESTS).with_detail("Too many requests"),
+                )
+            }
+            Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(self.clock.now());
                 let counted = Counted {
                     remaining: 0,

@@ -1,0 +1,382 @@
+//! Events through a transactional outbox, relayed to NATS JetStream.
+//!
+//! A service records an event in the **same SQLite transaction** as the
+//! state change it describes ([`record`]): the change and its event are
+//! committed together or not at all. A [`Relay`] then publishes the
+//! unpublished rows in order to JetStream, each with `Nats-Msg-Id` = the
+//! event id (JetStream drops a duplicate within its window, so a relay that
+//! dies between publishing and marking republishes harmlessly), marks them
+//! published, and retries with back-off while the broker is away: events
+//! are never lost and never reordered. Without a broker the rows wait in
+//! the outbox.
+//!
+//! A consumer ([`consume`]) reads a durable JetStream consumer, at least
+//! once; its handler applies an event exactly once by recording the event
+//! id in the `inbox` table in the same transaction as its effect
+//! ([`first_delivery`]).
+//!
+//! The tables (`outbox`, `inbox`) are created by each service's own
+//! migration, [`OUTBOX_SQL`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{Sqlite, SqlitePool, Transaction};
+use tokio::sync::Notify;
+
+/// The outbox and inbox tables, for a service's migrations.
+pub const OUTBOX_SQL: &str = "
+CREATE TABLE outbox (
+    -- Publication order.
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id     TEXT NOT NULL UNIQUE,
+    subject      TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    created_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    published_at TEXT
+);
+CREATE INDEX outbox_unpublished ON outbox (seq) WHERE published_at IS NULL;
+-- Events this service has applied, by id: a redelivery changes nothing.
+CREATE TABLE inbox (
+    event_id   TEXT PRIMARY KEY,
+    handled_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+";
+
+/// Events published per round trip to the database.
+const BATCH: i64 = 64;
+/// Back-off while the broker is unreachable: from this ...
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// ... doubling up to this.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The relay looks at the outbox at least this often, even unwoken.
+const POLL: Duration = Duration::from_secs(1);
+/// How long a publish may wait for JetStream's acknowledgement.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An event as it travels: CloudEvents' field names.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event<'a> {
+    pub specversion: &'static str,
+    pub id: String,
+    /// `order.confirmed`, `stock.released`, ...
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub source: &'a str,
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// What it is about, e.g. `order/42`.
+    pub subject: String,
+    pub data: Value,
+}
+
+/// The JetStream subject of an event type: `order.confirmed` →
+/// `orders.confirmed`, `stock.released` → `stock.released`.
+pub fn subject_of(kind: &str) -> String {
+    match kind.split_once('.') {
+        Some(("order", rest)) => format!("orders.{rest}"),
+        _ => kind.to_owned(),
+    }
+}
+
+/// Records an event of type `kind` about `about` in the transaction `tx`
+/// (it is published once `tx` commits). Returns the event id.
+pub async fn record(
+    tx: &mut Transaction<'static, Sqlite>,
+    source: &str,
+    kind: &str,
+    about: String,
+    data: Value,
+) -> Result<String, sqlx::Error> {
+    let event = Event {
+        specversion: "1.0",
+        id: uuid::Uuid::new_v4().to_string(),
+        kind,
+        source,
+        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        subject: about,
+        data,
+    };
+    let payload = serde_json::to_string(&event).unwrap_or_default();
+    sqlx::query("INSERT INTO outbox (event_id, subject, payload) VALUES (?, ?, ?)")
+        .bind(&event.id)
+        .bind(subject_of(kind))
+        .bind(payload)
+        .execute(&mut **tx)
+        .await?;
+    Ok(event.id)
+}
+
+/// Records that the event `event_id` is being applied in `tx`; `false` if
+/// it was applied before (the caller then changes nothing).
+pub async fn first_delivery(
+    tx: &mut Transaction<'static, Sqlite>,
+    event_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query("INSERT INTO inbox (event_id) VALUES (?) ON CONFLICT DO NOTHING")
+        .bind(event_id)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// A connection to the broker, and the streams this system uses.
+#[derive(Clone)]
+pub struct Broker {
+    jetstream: jetstream::Context,
+}
+
+/// The streams, created if missing: `ORDERS` on `orders.>`, `STOCK` on
+/// `stock.>`.
+pub const STREAMS: &[(&str, &str)] = &[("ORDERS", "orders.>"), ("STOCK", "stock.>")];
+
+impl Broker {
+    /// Connects to `url` (`nats://host:port`), in the background if the
+    /// broker is not up yet: events wait in the outbox meanwhile.
+    pub async fn connect(url: &str) -> Result<Broker, async_nats::ConnectError> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!("broker: disconnected"),
+                    async_nats::Event::Connected => tracing::info!("broker: connected"),
+                    other => tracing::debug!(event = %other, "broker"),
+                }
+            })
+            .connect(url)
+            .await?;
+        Ok(Broker {
+            jetstream: jetstream::new(client),
+        })
+    }
+
+    async fn ensure_streams(&self) -> Result<(), String> {
+        for (name, subjects) in STREAMS {
+            self.jetstream
+                .get_or_create_stream(jetstream::stream::Config {
+                    name: (*name).to_owned(),
+                    subjects: vec![(*subjects).to_owned()],
+                    ..Default::default()
+                })
+                .await
+                .map_err(|err| format!("stream {name}: {err}"))?;
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        subject: String,
+        event_id: &str,
+        payload: String,
+    ) -> Result<(), String> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event_id);
+        let ack = self
+            .jetstream
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|err| err.to_string())?;
+        tokio::time::timeout(PUBLISH_TIMEOUT, ack)
+            .await
+            .map_err(|_| "no acknowledgement in time".to_owned())?
+            .map_err(|err| err.to_string())?;
+        Ok(())
+    }
+}
+
+/// Publishes a service's outbox; wake it after committing an event.
+#[derive(Clone)]
+pub struct Relay {
+    wake: Arc<Notify>,
+}
+
+impl Relay {
+    /// A relay that publishes nothing yet (no broker): rows wait.
+    pub fn idle() -> Relay {
+        Relay {
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Starts relaying `pool`'s outbox to `broker` in a task.
+    pub fn spawn(pool: SqlitePool, broker: Broker) -> Relay {
+        let relay = Relay::idle();
+        let wake = Arc::clone(&relay.wake);
+        tokio::spawn(async move { run_relay(pool, broker, wake).await });
+        relay
+    }
+
+    /// Says new events were committed.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+async fn run_relay(pool: SqlitePool, broker: Broker, wake: Arc<Notify>) {
+    let mut backoff = BACKOFF_START;
+    let mut streams_ready = false;
+    loop {
+        let round = async {
+            if !streams_ready {
+                broker.ensure_streams().await?;
+                streams_ready = true;
+            }
+            publish_pending(&pool, &broker).await
+        };
+        match round.await {
+            Ok(published) => {
+                backoff = BACKOFF_START;
+                if published < BATCH as usize {
+                    // Caught up: wait for news (or the poll).
+                    let _ = tokio::time::timeout(POLL, wake.notified()).await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "event relay: cannot publish; events wait in the outbox");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Publishes one batch of unpublished events in order, marking each batch
+/// published once JetStream acknowledged all of it.
+async fn publish_pending(pool: &SqlitePool, broker: &Broker) -> Result<usize, String> {
+    let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
+        "SELECT seq, event_id, subject, payload FROM outbox
+         WHERE published_at IS NULL ORDER BY seq LIMIT ?",
+    )
+    .bind(BATCH)
+    .fetch_all(pool)
+    .await
+    .map_err(|err| format!("outbox: {err}"))?;
+    let mut last = None;
+    let mut failure = None;
+    for (seq, event_id, subject, payload) in &rows {
+        if let Err(err) = broker
+            .publish(subject.clone(), event_id, payload.clone())
+            .await
+        {
+            failure = Some(err);
+            break;
+        }
+        crate::fault::exit_after("published");
+        last = Some(*seq);
+    }
+    if let Some(last) = last {
+        sqlx::query(
+            "UPDATE outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE seq <= ? AND published_at IS NULL",
+        )
+        .bind(last)
+        .execute(pool)
+        .await
+        .map_err(|err| format!("outbox: {err}"))?;
+    }
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(rows.len()),
+    }
+}
+
+/// One delivered event: its id, type and data.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Delivered {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub data: Value,
+}
+
+/// Consumes `subject` of `stream` with the durable consumer `durable`
+/// forever: each event is handed to `handle`; acknowledged when it returns
+/// `Ok`, redelivered later when it returns `Err` (logged). A message that
+/// is not an event is acknowledged and logged (redelivering it would not
+/// help).
+pub fn consume<F, Fut>(
+    broker: Broker,
+    stream: &'static str,
+    durable: &'static str,
+    subject: &'static str,
+    handle: F,
+) where
+    F: Fn(Delivered) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    tokio::spawn(async move {
+        let mut backoff = BACKOFF_START;
+        loop {
+            match consume_once(&broker, stream, durable, subject, &handle).await {
+                Ok(()) => backoff = BACKOFF_START,
+                Err(error) => {
+                    tracing::warn!(%error, stream, durable, retry_in = ?backoff, "event consumer: cannot read");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    });
+}
+
+async fn consume_once<F, Fut>(
+    broker: &Broker,
+    stream: &str,
+    durable: &str,
+    subject: &str,
+    handle: &F,
+) -> Result<(), String>
+where
+    F: Fn(Delivered) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    broker.ensure_streams().await?;
+    let stream = broker
+        .jetstream
+        .get_stream(stream)
+        .await
+        .map_err(|err| err.to_string())?;
+    let consumer = stream
+        .get_or_create_consumer(
+            durable,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(durable.to_owned()),
+                filter_subject: subject.to_owned(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(10),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|err| err.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|err| err.to_string())?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|err| err.to_string())?;
+        match serde_json::from_slice::<Delivered>(&message.payload) {
+            Ok(event) => {
+                let id = event.id.clone();
+                match handle(event).await {
+                    Ok(()) => message.ack().await.map_err(|err| err.to_string())?,
+                    Err(error) => {
+                        tracing::warn!(event = %id, %error, "event not applied; it will come again");
+                        let _ = message
+                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, subject = %message.subject, "not an event: dropped");
+                message.ack().await.map_err(|err| err.to_string())?;
+            }
+        }
+    }
+    Err("the message stream ended".to_owned())
+}

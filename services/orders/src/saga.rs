@@ -1,0 +1,428 @@
+//! Placing, recovering and cancelling orders: a saga whose every state is
+//! in the database before the step that follows it.
+//!
+//! Placing: check the user; write the order `pending` with the reservation
+//! id it will use (one transaction); reserve the stock (idempotent by id);
+//! confirm the reservation at product-service (from then on it no longer
+//! expires); mark the order `confirmed` with its lines, total and the
+//! `order.confirmed` event (one transaction). A clean refusal, or a failure
+//! whose reservation was released, marks it `failed` (with `order.failed`).
+//!
+//! Recovery ([`recover`], at start-up and every interval): a `pending` order
+//! older than the grace period is finished by asking product-service for
+//! its reservation: confirmed there → the order is confirmed; held,
+//! released, expired or never seen → the order failed, then its
+//! reservation released (which also blocks a late reserve). The same path
+//! serves every crash point, and product-service's expiry of unconfirmed
+//! reservations is the backstop if this service never comes back.
+//!
+//! An order is marked failed *before* its reservation is released, never
+//! after: a placement still running (slower than the grace period) can then
+//! no longer confirm it (confirming is a conditional update of a pending
+//! order), so an order is never confirmed with its stock given back. A
+//! failed order whose release did not go through is released again by
+//! every recovery round until it does.
+//!
+//! Cancelling: a confirmed order becomes `cancelling` with `order.cancelled`
+//! (one transaction); product-service consumes the event, releases the
+//! stock and emits `stock.released`; consuming that marks the order
+//! `cancelled`. Without a broker the release is a direct call instead.
+
+use std::time::Duration;
+
+use product_service::api::{ItemRequest, Reservation, ReservationStatus};
+use serde_json::{Value, json};
+use service_kit::events;
+use service_kit::fault;
+use service_kit::money::Money;
+use service_kit::{AppError, AppResult};
+use sqlx::Row;
+
+use crate::dependencies::Refused;
+use crate::{AppState, Order, OrderItem, SERVICE_NAME, Status, load_order};
+
+/// Pending orders younger than this are left to the request placing them.
+pub const DEFAULT_RECOVERY_GRACE: Duration = Duration::from_secs(15);
+/// How often pending orders are looked for.
+pub const DEFAULT_RECOVERY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Places an order for `user_id`; see the module documentation.
+pub async fn place(state: &AppState, user_id: i64, items: Vec<ItemRequest>) -> AppResult<Order> {
+    state.deps.check_user(user_id).await?;
+    let reservation_id = uuid::Uuid::new_v4().to_string();
+    let id = insert_pending(state, user_id, &reservation_id).await?;
+    fault::exit_after("pending");
+    let reservation = match state.deps.reserve(&reservation_id, &items).await {
+        Ok(reservation) => reservation,
+        Err(Refused::Clean(error)) => {
+            // Nothing is held.
+            fail(state, id, &error.to_string(), false).await?;
+            return Err(error);
+        }
+        Err(Refused::Unknown { error, released }) => {
+            fail(state, id, &error.to_string(), !released).await?;
+            return Err(error);
+        }
+    };
+    fault::exit_after("reserved");
+    match state.deps.confirm(&reservation_id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            fail(
+                state,
+                id,
+                "the reservation expired before it was confirmed",
+                false,
+            )
+            .await?;
+            return Err(AppError::unavailable("Product service unavailable"));
+        }
+        Err(error) => {
+            // It may have been confirmed: it must be given back.
+            fail(state, id, &error.to_string(), true).await?;
+            release_failed(state, id, &reservation_id).await?;
+            return Err(error);
+        }
+    }
+    fault::exit_after("reservation_confirmed");
+    let order = confirm(state, id, &reservation).await?.ok_or_else(|| {
+        AppError::unavailable("The order could not be completed; it was not placed")
+    })?;
+    fault::exit_after("confirmed");
+    tracing::info!(order = order.id, user_id, total = %order.total, "order placed");
+    Ok(order)
+}
+
+async fn insert_pending(state: &AppState, user_id: i64, reservation_id: &str) -> AppResult<i64> {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO orders (user_id, total_cents, status, reservation_id, updated_at)
+         VALUES (?, 0, 'pending', ?, strftime('%Y-%m-%dT%H:%M:%SZ', 'now')) RETURNING id",
+    )
+    .bind(user_id)
+    .bind(reservation_id)
+    .fetch_one(&state.db)
+    .await?;
+    Ok(id)
+}
+
+fn event_data(order: &Order, reservation_id: &str) -> Value {
+    json!({
+        "order_id": order.id,
+        "user_id": order.user_id,
+        "reservation_id": reservation_id,
+        "items": order.items,
+        "total": order.total,
+    })
+}
+
+/// Marks a pending order confirmed with the reservation's lines and prices,
+/// and records `order.confirmed`; `None` if it was not pending any more.
+async fn confirm(state: &AppState, id: i64, reservation: &Reservation) -> AppResult<Option<Order>> {
+    let items: Vec<OrderItem> = reservation
+        .items
+        .iter()
+        .map(|i| OrderItem {
+            product_id: i.product_id,
+            quantity: i.quantity,
+            price: i.price,
+        })
+        .collect();
+    let total = items
+        .iter()
+        .try_fold(Money::ZERO, |sum, i| {
+            i.price
+                .checked_mul(i.quantity)
+                .and_then(|line| sum.checked_add(line))
+        })
+        .ok_or_else(|| AppError::unprocessable("order total is too large"))?;
+    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let row = sqlx::query(
+        "UPDATE orders SET status = 'confirmed', total_cents = ?,
+                updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+         WHERE id = ? AND status = 'pending' RETURNING user_id, created_at",
+    )
+    .bind(total.cents())
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    for item in &items {
+        sqlx::query(
+            "INSERT INTO order_items (order_id, product_id, quantity, price_cents)
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(item.product_id)
+        .bind(item.quantity)
+        .bind(item.price.cents())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let order = Order {
+        id,
+        user_id: row.try_get("user_id")?,
+        items,
+        total,
+        status: Status::Confirmed,
+        created_at: row.try_get("created_at")?,
+        reason: None,
+    };
+    events::record(
+        &mut tx,
+        SERVICE_NAME,
+        "order.confirmed",
+        format!("order/{id}"),
+        event_data(&order, &reservation.id),
+    )
+    .await?;
+    tx.commit().await?;
+    state.relay.wake();
+    Ok(Some(order))
+}
+
+/// Marks a pending order failed with `reason`, recording `order.failed`;
+/// with `hold_possible`, its reservation is to be released (by
+/// [`release_failed`], now or by recovery). Whether it was pending.
+async fn fail(state: &AppState, id: i64, reason: &str, hold_possible: bool) -> AppResult<bool> {
+    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let row = sqlx::query(
+        "UPDATE orders SET status = 'failed', failure_reason = ?, stock_released = ?,
+                updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+         WHERE id = ? AND status = 'pending' RETURNING user_id, reservation_id",
+    )
+    .bind(reason)
+    .bind(!hold_possible)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(row) = row {
+        let user_id: i64 = row.try_get("user_id")?;
+        let reservation_id: String = row.try_get("reservation_id")?;
+        events::record(
+            &mut tx,
+            SERVICE_NAME,
+            "order.failed",
+            format!("order/{id}"),
+            json!({"order_id": id, "user_id": user_id, "reservation_id": reservation_id, "reason": reason}),
+        )
+        .await?;
+        tx.commit().await?;
+        state.relay.wake();
+        tracing::info!(order = id, reason, "order failed");
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Releases the reservation of the failed order `id`; marks it released
+/// if product-service confirmed. Whether it did.
+async fn release_failed(state: &AppState, id: i64, reservation_id: &str) -> AppResult<bool> {
+    if !state.deps.release(reservation_id).await {
+        return Ok(false);
+    }
+    sqlx::query("UPDATE orders SET stock_released = 1 WHERE id = ? AND status = 'failed'")
+        .bind(id)
+        .execute(&state.db)
+        .await?;
+    Ok(true)
+}
+
+/// Finishes the pending orders older than `grace`; how many it finished.
+pub async fn recover(state: &AppState, grace: Duration) -> AppResult<usize> {
+    let due: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, reservation_id FROM orders
+         WHERE status = 'pending' AND created_at <= strftime('%Y-%m-%dT%H:%M:%SZ', 'now', ?)
+         ORDER BY id",
+    )
+    .bind(format!("-{} seconds", grace.as_secs()))
+    .fetch_all(&state.db)
+    .await?;
+    let mut finished = 0;
+    for (id, reservation_id) in due {
+        let reservation = match state.deps.reservation(&reservation_id).await {
+            Ok(reservation) => reservation,
+            Err(error) => {
+                tracing::warn!(order = id, %error, "recovery: product-service unavailable; will retry");
+                break;
+            }
+        };
+        match reservation {
+            Some(reservation) if reservation.status == ReservationStatus::Confirmed => {
+                if confirm(state, id, &reservation).await?.is_some() {
+                    tracing::info!(
+                        order = id,
+                        "recovery: order confirmed (its reservation was)"
+                    );
+                }
+            }
+            _ => {
+                // Held, released, expired or never seen: the order failed
+                // (first: a placement still running can no longer confirm
+                // it), then the stock goes back (and a late reserve is
+                // blocked).
+                fail(
+                    state,
+                    id,
+                    "interrupted before it was confirmed; stock released",
+                    true,
+                )
+                .await?;
+            }
+        }
+        finished += 1;
+    }
+    let unreleased: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, reservation_id FROM orders WHERE status = 'failed' AND stock_released = 0",
+    )
+    .fetch_all(&state.db)
+    .await?;
+    for (id, reservation_id) in unreleased {
+        if !release_failed(state, id, &reservation_id).await? {
+            break;
+        }
+    }
+    if state.broker.is_none() {
+        finished += finish_cancellations(state).await?;
+    }
+    Ok(finished)
+}
+
+/// Runs [`recover`] now and every `every`, forever.
+pub fn spawn_recovery(state: AppState, grace: Duration, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match recover(&state, grace).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(orders = n, "recovery finished orders"),
+                Err(error) => tracing::warn!(%error, "recovery failed; will retry"),
+            }
+        }
+    });
+}
+
+/// `POST /orders/{id}/cancel`: see the module documentation. Returns the
+/// order and whether the cancellation is still on its way.
+pub async fn cancel(state: &AppState, id: i64) -> AppResult<(Order, bool)> {
+    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let order = load_order(&mut tx, id)
+        .await?
+        .ok_or_else(|| AppError::not_found("Order not found"))?;
+    match order.status {
+        Status::Cancelled => return Ok((order, false)),
+        Status::Cancelling => return Ok((order, true)),
+        Status::Failed => {
+            return Err(AppError::conflict(format!(
+                "Order {id} failed: there is nothing to cancel"
+            )));
+        }
+        Status::Pending => {
+            return Err(AppError::conflict(format!(
+                "Order {id} is not confirmed yet"
+            )));
+        }
+        Status::Confirmed => {}
+    }
+    let reservation_id: String =
+        sqlx::query_scalar("SELECT reservation_id FROM orders WHERE id = ?")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+    sqlx::query(
+        "UPDATE orders SET status = 'cancelling', updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+         WHERE id = ? AND status = 'confirmed'",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    events::record(
+        &mut tx,
+        SERVICE_NAME,
+        "order.cancelled",
+        format!("order/{id}"),
+        event_data(&order, &reservation_id),
+    )
+    .await?;
+    tx.commit().await?;
+    state.relay.wake();
+    tracing::info!(order = id, "order cancelling");
+    let cancelling = Order {
+        status: Status::Cancelling,
+        ..order
+    };
+    if state.broker.is_some() {
+        return Ok((cancelling, true));
+    }
+    // No broker: release directly.
+    if state.deps.release(&reservation_id).await && mark_cancelled(state, &reservation_id).await? {
+        return Ok((
+            Order {
+                status: Status::Cancelled,
+                ..cancelling
+            },
+            false,
+        ));
+    }
+    Ok((cancelling, true))
+}
+
+/// Without a broker: releases the stock of orders left `cancelling`.
+async fn finish_cancellations(state: &AppState) -> AppResult<usize> {
+    let cancelling: Vec<String> =
+        sqlx::query_scalar("SELECT reservation_id FROM orders WHERE status = 'cancelling'")
+            .fetch_all(&state.db)
+            .await?;
+    let mut finished = 0;
+    for reservation_id in cancelling {
+        if !state.deps.release(&reservation_id).await {
+            break;
+        }
+        finished += usize::from(mark_cancelled(state, &reservation_id).await?);
+    }
+    Ok(finished)
+}
+
+/// `cancelling` → `cancelled` for the order of `reservation_id`; whether it
+/// changed.
+async fn mark_cancelled(state: &AppState, reservation_id: &str) -> AppResult<bool> {
+    let changed = sqlx::query(
+        "UPDATE orders SET status = 'cancelled', updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+         WHERE reservation_id = ? AND status = 'cancelling'",
+    )
+    .bind(reservation_id)
+    .execute(&state.db)
+    .await?
+    .rows_affected();
+    Ok(changed == 1)
+}
+
+/// Applies a `stock.released` event: the order it frees is cancelled, once.
+pub async fn on_stock_released(state: &AppState, event: events::Delivered) -> Result<(), String> {
+    let Some(reservation_id) = event.data.get("reservation_id").and_then(Value::as_str) else {
+        tracing::error!(event = %event.id, "stock.released without a reservation_id: ignored");
+        return Ok(());
+    };
+    let apply = async {
+        let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+        if events::first_delivery(&mut tx, &event.id).await? {
+            let changed = sqlx::query(
+                "UPDATE orders SET status = 'cancelled', updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+                 WHERE reservation_id = ? AND status = 'cancelling' RETURNING id",
+            )
+            .bind(reservation_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = changed {
+                let id: i64 = row.try_get("id")?;
+                tracing::info!(order = id, "order cancelled: stock released");
+            }
+        }
+        tx.commit().await?;
+        Ok::<_, AppError>(())
+    };
+    apply.await.map_err(|err| err.to_string())
+}
