@@ -5,12 +5,16 @@
 #          aws-lc (JWT signatures, TLS to a JWKS URL).
 #   nats-server: the message broker of the order events (JetStream); the
 #          tests start their own on loopback, scripts/run.sh one in data/nats.
+#   prometheus: promtool (CI checks the scrape config, the alert rules and
+#          their unit tests, and every /metrics exposition) and the server
+#          the observability tests scrape with.
 set -euo pipefail
 
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
+{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || need+=(prometheus)
 
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}" >&2

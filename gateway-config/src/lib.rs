@@ -120,6 +120,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often host names in `instances` lists are resolved again.
     pub dns_refresh: Duration,
+    /// Requests are counted for `/metrics`.
+    pub metrics: bool,
     /// Sorted by name.
     pub services: Vec<ServiceConfig>,
     /// In file order; lookup is by longest prefix, not by order.

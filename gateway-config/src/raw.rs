@@ -50,6 +50,9 @@ pub struct RawConfig {
     /// How often host names in `instances` lists are resolved again.
     #[serde(default)]
     pub dns_refresh: Option<Spanned<HumanDuration>>,
+    /// Whether requests are counted for `/metrics` (default true).
+    #[serde(default)]
+    pub metrics: Option<bool>,
     pub services: Spanned<BTreeMap<String, RawService>>,
     pub routes: Spanned<Vec<RawRoute>>,
 }

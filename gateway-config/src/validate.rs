@@ -130,6 +130,7 @@ pub(super) fn validate(
         downstream,
         shutdown_grace,
         dns_refresh,
+        metrics: raw.metrics.unwrap_or(true),
         services,
         routes,
     })

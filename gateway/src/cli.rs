@@ -22,6 +22,10 @@ struct Cli {
     /// to the old process.
     #[arg(long, short)]
     upgrade: bool,
+    /// Log lines as `text` or `json` (one object per line, the same field
+    /// names as the services').
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    log_format: telemetry::log::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -43,7 +47,7 @@ pub fn main(plugins: PluginRegistry) -> ExitCode {
     match cli.command {
         Some(Command::Check { files }) => check(&files, &plugins),
         None => {
-            crate::init_tracing();
+            crate::init_tracing(cli.log_format);
             let status = crate::server::run(&cli.config, cli.upgrade, plugins);
             crate::flush_logs();
             status

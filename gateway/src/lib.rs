@@ -4,6 +4,7 @@
 //! - [`config`]: `gateway.yaml` in two layers, the `gateway-config` crate.
 //! - [`proxy`]: the data plane, one module per phase of a request.
 //! - [`errors`]: one failure type, and the one mapping to an answer.
+//! - [`metrics`]: the Prometheus metrics (served on the admin listener).
 //! - [`policy`]: routing, forwarding headers, upstreams, plugins.
 //! - [`control`]: versions (snapshot, reload, discovery), health, the admin
 //!   listener, shutdown.
@@ -20,27 +21,24 @@ pub mod cli;
 pub mod control;
 pub mod engine;
 pub mod errors;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod server;
+pub mod tracing_export;
 
-/// Sets up `tracing` output (`RUST_LOG`, default `info`), which also
-/// receives Pingora's `log` records, through the buffered writer of
+/// Sets up `tracing` output (`RUST_LOG`, default `info`) in `format`, which
+/// also receives Pingora's `log` records, through the buffered writer of
 /// [`engine::log_buffer`].
-pub fn init_tracing() {
+pub fn init_tracing(format: telemetry::log::LogFormat) {
     use engine::log_buffer;
     use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::stdout().is_terminal();
-    let installed = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(log_buffer::BufferedStdout)
-        .try_init()
-        .is_ok();
+    use telemetry::log::LogFormat;
+    let ansi = std::io::stdout().is_terminal() && format == LogFormat::Text;
+    let installed = telemetry::log::init("gateway", format, ansi, log_buffer::BufferedStdout);
     if installed {
-        log_buffer::set_plain(!ansi);
+        log_buffer::set_plain(!ansi && format == LogFormat::Text);
+        log_buffer::set_json(format == LogFormat::Json);
         if let Err(err) = log_buffer::start_flusher() {
             eprintln!("cannot start the log writer thread: {err}");
         }

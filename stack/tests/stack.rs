@@ -116,6 +116,9 @@ routes:
         .arg(bin_dir())
         .args(["--nats-port", &nats.to_string()])
         .args(["--nats-monitor-port", &nats_monitor.to_string()])
+        // Every process logs JSON lines: one order's trace is then followed
+        // through all four.
+        .env("LOG_FORMAT", "json")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -167,13 +170,16 @@ routes:
         .await
         .unwrap();
     assert_eq!(products.as_array().unwrap().len(), 3);
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let response = http
         .post(url("/api/orders"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
         .json(&json!({"user_id": 1, "items": [{"product_id": 1, "quantity": 2}, {"product_id": 2, "quantity": 1}]}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["x-trace-id"], trace_id);
     let order: Value = response.json().await.unwrap();
     assert_eq!(
         (order["total"].clone(), order["status"].clone()),
@@ -188,6 +194,40 @@ routes:
         .await
         .unwrap();
     assert_eq!(laptop["stock"], 8);
+
+    // The order left JSON lines with its trace id in all four processes:
+    // the gateway, order-service, and the two it called.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let labels: std::collections::BTreeSet<String> = output
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| line.split_once(" | "))
+            .filter_map(|(label, json)| {
+                let parsed: Value = serde_json::from_str(json).ok()?;
+                (parsed["trace_id"] == trace_id).then(|| {
+                    let label = label.trim();
+                    label.strip_suffix("-2").unwrap_or(label).to_owned()
+                })
+            })
+            .collect();
+        let wanted = [
+            "gateway",
+            "order-service",
+            "product-service",
+            "user-service",
+        ];
+        if wanted.iter().all(|w| labels.contains(*w)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "trace {trace_id} seen in {labels:?} only:\n{}",
+            output.lock().unwrap().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let health: Value = http
         .get(url("/health"))
         .send()

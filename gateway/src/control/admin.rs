@@ -8,6 +8,7 @@
 //!   answers the outcome (422 if the file was rejected).
 //! - `GET /admin/stats`: requests in flight right now.
 //! - `GET /admin/health`: `200` while the gateway runs (a liveness probe).
+//! - `GET /metrics`: the Prometheus exposition (`crate::metrics`).
 //!
 //! With `admin.token_file`, every endpoint but `/admin/health` requires
 //! `Authorization: Bearer <token>` (compared in constant time; the token is
@@ -32,6 +33,7 @@ pub fn router(reloader: Arc<Reloader>) -> Router {
         .route("/admin/config", get(config))
         .route("/admin/reload", post(reload))
         .route("/admin/stats", get(stats))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -168,6 +170,43 @@ async fn config(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
         "routes": routes,
         "last_reload": reloader.last_attempt().as_ref().map(attempt_json),
     }))
+}
+
+/// `GET /metrics`: state gauges read now, then every family.
+async fn metrics(State(reloader): State<Arc<Reloader>>) -> Response {
+    let metrics = crate::metrics::Metrics::global();
+    let snapshot = reloader.current().load();
+    metrics.upstream_healthy.reset();
+    metrics.upstream_ejected.reset();
+    for upstream in &snapshot.upstreams {
+        for instance in &upstream.instances {
+            let labels = [upstream.name.as_str(), instance.address.as_str()];
+            metrics
+                .upstream_healthy
+                .with_label_values(&labels)
+                .set(i64::from(instance.is_ready()));
+            metrics
+                .upstream_ejected
+                .with_label_values(&labels)
+                .set(i64::from(instance.is_ejected()));
+        }
+    }
+    metrics
+        .requests_in_flight
+        .set(super::shutdown::in_flight() as i64);
+    metrics.config_version.set(snapshot.version as i64);
+    let failed = reloader
+        .last_attempt()
+        .is_some_and(|a| matches!(a.outcome, Outcome::Rejected(_) | Outcome::Failed(_)));
+    metrics.config_last_reload_success.set(i64::from(!failed));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+        .into_response()
 }
 
 async fn stats(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {

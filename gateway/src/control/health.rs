@@ -94,6 +94,8 @@ pub struct InstanceHealth {
     in_rotation: AtomicBool,
     /// Failed proxied requests in a row (connection errors, 5xx).
     passive_failures: AtomicU32,
+    /// `gateway_upstream_attempts_total` for this instance.
+    pub attempts: crate::metrics::AttemptCounters,
     observations: Mutex<Observations>,
 }
 
@@ -105,6 +107,7 @@ impl InstanceHealth {
             socket,
             in_rotation: AtomicBool::new(false),
             passive_failures: AtomicU32::new(0),
+            attempts: crate::metrics::Metrics::global().attempt_counters(service, address),
             observations: Mutex::new(Observations {
                 status: Status::Unknown,
                 consecutive_successes: 0,
@@ -196,6 +199,13 @@ impl InstanceHealth {
 }
 
 impl InstanceHealth {
+    /// Whether it was ejected by failed requests (and not yet re-admitted).
+    pub fn is_ejected(&self) -> bool {
+        self.lock()
+            .ejected_until
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
+
     /// Records the outcome of one proxied request: `success` is false for a
     /// connection error or a 5xx answer. Ejects the instance after
     /// `outlier.consecutive_failures` failures in a row, if `may_eject`

@@ -173,6 +173,12 @@ impl Reloader {
     }
 
     fn record(&self, trigger: Trigger, started: std::time::Instant, outcome: &Outcome) {
+        crate::metrics::Metrics::global().reload(match outcome {
+            Outcome::Applied { .. } => "applied",
+            Outcome::Unchanged { .. } => "unchanged",
+            Outcome::Rejected(_) => "rejected",
+            Outcome::Failed(_) => "failed",
+        });
         let attempt = Attempt {
             at: SystemTime::now(),
             trigger,

@@ -19,6 +19,7 @@ use arc_swap::ArcSwap;
 use super::discovery::MembershipView;
 use super::health::HealthRegistry;
 use crate::config::Config;
+use crate::metrics::RouteMetrics;
 use crate::policy::plugins::{PluginChain, PluginRegistry};
 use crate::policy::routing::RouteTable;
 use crate::policy::upstream::Upstream;
@@ -31,6 +32,8 @@ pub struct Route {
     pub max_body_size: Option<u64>,
     pub upstream: Arc<Upstream>,
     pub plugins: PluginChain,
+    /// Its request metrics, resolved once.
+    pub metrics: Arc<RouteMetrics>,
 }
 
 pub struct Snapshot {
@@ -117,6 +120,7 @@ impl Snapshot {
                     prefix: route.prefix.clone(),
                     strip_prefix: route.strip_prefix.clone(),
                     max_body_size: route.max_body_size,
+                    metrics: RouteMetrics::new(&route.prefix, &upstream.name),
                     upstream: Arc::clone(upstream),
                     plugins: chain,
                 },

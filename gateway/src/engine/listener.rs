@@ -49,6 +49,7 @@ struct OpenConnection(Arc<AtomicUsize>);
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::Metrics::global().connections_open.dec();
     }
 }
 
@@ -64,7 +65,9 @@ impl ServerApp for GuardedProxy {
         let limits = self.current.peek().config.downstream;
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let counted = OpenConnection(Arc::clone(&self.open));
+        crate::metrics::Metrics::global().connections_open.inc();
         if open > limits.max_connections {
+            crate::metrics::Metrics::global().connections_refused.inc();
             tracing::warn!(
                 open,
                 limit = limits.max_connections,

@@ -37,9 +37,22 @@ pub fn set_plain(plain: bool) {
 }
 
 /// Whether lines may be formatted by hand and [`append`]ed (the access
-/// log's fast path; see `proxy::Gateway::logging`).
+/// log's fast path; see `proxy::access_log`).
 pub fn plain() -> bool {
     PLAIN.load(Ordering::Relaxed)
+}
+
+/// The subscriber writes JSON lines into the buffer (`--log-format json`).
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Records that lines are JSON, so the access log appends JSON lines.
+pub fn set_json(json: bool) {
+    JSON.store(json, Ordering::Relaxed);
+}
+
+/// Whether the access log writes JSON lines.
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
 }
 
 /// Appends whole lines to the buffer; writes it out if it is full.

@@ -14,8 +14,11 @@ use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType};
+use telemetry::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 pub const REQUEST_ID: &str = "x-request-id";
+/// The response header that gives the client its request's trace id.
+pub const TRACE_ID: &str = "x-trace-id";
 const FORWARDED_FOR: &str = "x-forwarded-for";
 const FORWARDED_PROTO: &str = "x-forwarded-proto";
 const FORWARDED_HOST: &str = "x-forwarded-host";
@@ -138,6 +141,29 @@ fn splitmix64(mut x: u64) -> u64 {
 /// connection, shared by its requests.
 pub fn client_ip_value(ip: IpAddr) -> Option<HeaderValue> {
     HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string())).ok()
+}
+
+/// The trace id of `trace` as a header value (32 hex digits).
+pub fn trace_id_value(trace: &TraceContext) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(trace.trace_id_hex()))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Sets `traceparent` on the request going upstream: `span` is its parent.
+/// The client's `tracestate` goes with it only if its `traceparent` was
+/// valid (`continued`); a malformed `traceparent` is never forwarded.
+pub fn set_trace_headers(
+    request: &mut RequestHeader,
+    span: &TraceContext,
+    continued: bool,
+) -> pingora::Result<()> {
+    let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(span.header()))
+        .map_err(|e| Error::because(ErrorType::InternalError, "traceparent", e))?;
+    request.insert_header(TRACEPARENT, value)?;
+    if !continued && request.headers.contains_key(TRACESTATE) {
+        request.remove_header(TRACESTATE);
+    }
+    Ok(())
 }
 
 /// Whether `ip` is in one of `nets`.

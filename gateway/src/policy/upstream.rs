@@ -90,6 +90,8 @@ pub struct Upstream {
     pub when_all_unhealthy: AllUnhealthy,
     pub outlier: OutlierSettings,
     pub budget: RetryBudget,
+    /// `gateway_retries_total`, `gateway_retry_budget_exhausted_total`.
+    pub retry_counters: crate::metrics::RetryCounters,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -122,6 +124,7 @@ impl Upstream {
             when_all_unhealthy: service.when_all_unhealthy,
             outlier: service.outlier,
             budget: RetryBudget::default(),
+            retry_counters: crate::metrics::Metrics::global().retry_counters(&service.name),
         })
     }
 

@@ -16,10 +16,17 @@ use crate::engine::log_buffer;
 use crate::errors::Failure;
 use crate::policy::forwarding;
 use crate::policy::plugins::Consumer;
+use telemetry::trace::TraceContext;
 
 /// Writes the access line of the request `ctx` describes; `failure`, if it
 /// failed.
-pub fn log(session: &ServerSession, ctx: &RequestCtx<'_>, failure: Option<&Failure>) {
+pub fn log(
+    session: &ServerSession,
+    ctx: &RequestCtx<'_>,
+    failure: Option<&Failure>,
+    status: u16,
+    elapsed: std::time::Duration,
+) {
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
         return;
     }
@@ -30,12 +37,10 @@ pub fn log(session: &ServerSession, ctx: &RequestCtx<'_>, failure: Option<&Failu
         route: ctx.route.map_or("-", |r| r.prefix.as_str()),
         upstream: LoggedUpstream(ctx.attempts.last()),
         attempts: ctx.attempts.count(),
-        status: ctx
-            .local_status
-            .or_else(|| session.response_written().map(|r| r.status.as_u16()))
-            .unwrap_or(0),
-        micros: ctx.started.elapsed().as_micros() as u64,
+        status,
+        micros: elapsed.as_micros() as u64,
         request_id: &ctx.request_id,
+        trace: &ctx.trace,
         consumer: ctx
             .extensions
             .get::<Consumer>()
@@ -45,7 +50,9 @@ pub fn log(session: &ServerSession, ctx: &RequestCtx<'_>, failure: Option<&Failu
             .map_or("-", |e| e.etype().as_str()),
         timeout: ctx.timeout.unwrap_or("-"),
     };
-    if log_buffer::plain() {
+    if log_buffer::json() {
+        line.append_json();
+    } else if log_buffer::plain() {
         line.append();
     } else {
         line.trace();
@@ -62,6 +69,7 @@ struct AccessLine<'a> {
     status: u16,
     micros: u64,
     request_id: &'a forwarding::RequestId,
+    trace: &'a TraceContext,
     consumer: &'a str,
     error: &'a str,
     timeout: &'a str,
@@ -86,6 +94,8 @@ impl AccessLine<'_> {
             status = self.status,
             micros = self.micros,
             request_id = %self.request_id,
+            trace_id = %Hex(&self.trace.trace_id),
+            span_id = %Hex(&self.trace.span_id),
             consumer = self.consumer,
             error = self.error,
             timeout = self.timeout,
@@ -138,6 +148,10 @@ impl AccessLine<'_> {
         push_number(line, self.micros);
         line.push_str(" request_id=");
         line.push_str(self.request_id.as_str());
+        line.push_str(" trace_id=");
+        push_hex(line, &self.trace.trace_id);
+        line.push_str(" span_id=");
+        push_hex(line, &self.trace.span_id);
         line.push_str(" consumer=");
         push_debug(line, self.consumer);
         line.push_str(" error=");
@@ -145,6 +159,78 @@ impl AccessLine<'_> {
         line.push_str(" timeout=");
         push_debug(line, self.timeout);
         line.push('\n');
+    }
+}
+
+/// `bytes` in lowercase hex, for `Display`.
+struct Hex<'a>(&'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+fn push_hex(line: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        line.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        line.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+}
+
+impl AccessLine<'_> {
+    /// The JSON line (`--log-format json`): the field names every process
+    /// uses, formatted here and appended to the log buffer like the text
+    /// one (strings escaped by `serde_json`).
+    fn append_json(&self) {
+        thread_local! {
+            static JSON: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        JSON.with_borrow_mut(|line| {
+            line.clear();
+            self.format_json(line, std::time::SystemTime::now());
+            log_buffer::append(line);
+        });
+    }
+
+    fn format_json(&self, line: &mut Vec<u8>, now: std::time::SystemTime) {
+        let mut text = String::with_capacity(32);
+        write_timestamp(&mut text, now);
+        let string = |line: &mut Vec<u8>, key: &str, value: &str| {
+            line.extend_from_slice(b",\"");
+            line.extend_from_slice(key.as_bytes());
+            line.extend_from_slice(b"\":");
+            let _ = serde_json::to_writer(&mut *line, value);
+        };
+        line.extend_from_slice(b"{\"ts\":\"");
+        line.extend_from_slice(text.as_bytes());
+        line.extend_from_slice(b"\",\"level\":\"info\",\"service\":\"gateway\",\"msg\":\"request\",\"target\":\"access\"");
+        string(line, "request_id", self.request_id.as_str());
+        let mut hex = String::with_capacity(32);
+        push_hex(&mut hex, &self.trace.trace_id);
+        string(line, "trace_id", &hex);
+        hex.clear();
+        push_hex(&mut hex, &self.trace.span_id);
+        string(line, "span_id", &hex);
+        string(line, "method", self.method);
+        string(line, "path", self.path);
+        string(line, "route", self.route);
+        line.extend_from_slice(b",\"status\":");
+        line.extend_from_slice(itoa::Buffer::new().format(self.status).as_bytes());
+        line.extend_from_slice(b",\"duration_ms\":");
+        let millis = self.micros as f64 / 1000.0;
+        line.extend_from_slice(format!("{millis:.3}").as_bytes());
+        string(line, "upstream", &self.upstream.to_string());
+        line.extend_from_slice(b",\"attempts\":");
+        line.extend_from_slice(itoa::Buffer::new().format(self.attempts).as_bytes());
+        string(line, "error", self.error);
+        string(line, "timeout", self.timeout);
+        string(line, "consumer", self.consumer);
+        line.extend_from_slice(b"}\n");
     }
 }
 
@@ -267,6 +353,7 @@ mod tests {
             .insert_header(forwarding::REQUEST_ID, "rid-1")
             .unwrap();
         let id = forwarding::request_id(&header);
+        let trace = TraceContext::root(true);
         let lines = [
             AccessLine {
                 method: "GET",
@@ -277,6 +364,7 @@ mod tests {
                 status: 200,
                 micros: 1234,
                 request_id: &id,
+                trace: &trace,
                 consumer: "-",
                 error: "-",
                 timeout: "-",
@@ -290,6 +378,7 @@ mod tests {
                 status: 504,
                 micros: 0,
                 request_id: &id,
+                trace: &trace,
                 consumer: "shop-frontend",
                 error: "ReadTimedout",
                 timeout: "read",
@@ -304,6 +393,7 @@ mod tests {
                 status: 65535,
                 micros: u64::MAX,
                 request_id: &id,
+                trace: &trace,
                 consumer: "we\"ird é",
                 error: "",
                 timeout: "total",
@@ -317,6 +407,7 @@ mod tests {
                 status: 100,
                 micros: 10_000_000,
                 request_id: &id,
+                trace: &trace,
                 consumer: "-",
                 error: "-",
                 timeout: "-",

@@ -25,6 +25,7 @@ use super::exchange::{self, Exchanged};
 use crate::control::health::InstanceHealth;
 use crate::control::snapshot::Route;
 use crate::errors::{Failure, GatewayError};
+use crate::metrics::Outcome;
 
 /// A client-chosen key that makes a non-idempotent request safe to retry.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -161,6 +162,9 @@ impl Gateway {
                     let mut e = e.into_up();
                     if e.etype() == &ErrorType::ConnectTimedout {
                         ctx.timeout = Some("connect");
+                        count_attempt(ctx, Outcome::Timeout);
+                    } else {
+                        count_attempt(ctx, Outcome::ConnectError);
                     }
                     let facts = self.facts(Stage::Connect, &e, session, ctx, route, false);
                     let decision = settle(&facts, ctx, route);
@@ -186,6 +190,20 @@ impl Gateway {
                         }
                         ErrorType::WriteTimedout => ctx.timeout = Some("write"),
                         _ => {}
+                    }
+                    if e.esource() == &ErrorSource::Upstream {
+                        let timed_out = matches!(
+                            e.etype(),
+                            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                        );
+                        count_attempt(
+                            ctx,
+                            if timed_out {
+                                Outcome::Timeout
+                            } else {
+                                Outcome::Reset
+                            },
+                        );
                     }
                     let facts = self.facts(Stage::Exchange, &e, session, ctx, route, reused);
                     if settle(&facts, ctx, route).retry != Retry::No {
@@ -231,18 +249,38 @@ fn settle(facts: &Facts, ctx: &mut RequestCtx<'_>, route: &Route) -> Decision {
     {
         route.upstream.record(instance, false);
     }
+    let counters = &route.upstream.retry_counters;
     match decision.retry {
-        Retry::OtherInstance if !route.upstream.budget.withdraw() => decision.retry = Retry::No,
+        Retry::OtherInstance if !route.upstream.budget.withdraw() => {
+            counters.budget_exhausted.inc();
+            decision.retry = Retry::No;
+        }
         Retry::SameInstance => ctx.attempts.retry_same = true,
         _ => {}
+    }
+    if decision.retry != Retry::No {
+        counters.retries.inc();
     }
     decision
 }
 
-/// Records a response's outcome for passive health.
+/// Counts the current attempt's outcome for its instance.
+fn count_attempt(ctx: &RequestCtx<'_>, outcome: Outcome) {
+    if let Some(instance) = &ctx.attempts.instance {
+        instance.attempts.count(outcome);
+    }
+}
+
+/// Records a response's outcome for passive health and the attempt
+/// counters.
 pub fn record_response(ctx: &RequestCtx<'_>, route: &Route, success: bool) {
     if let Some(instance) = &ctx.attempts.instance {
         route.upstream.record(instance, success);
+        instance.attempts.count(if success {
+            Outcome::Ok
+        } else {
+            Outcome::Http5xx
+        });
     }
 }
 
@@ -273,6 +311,7 @@ fn next_peer(ctx: &mut RequestCtx<'_>, route: &Route) -> Result<HttpPeer, Failur
             let peer = upstream.peer(instance, time_left);
             attempts.tried.push(instance.socket);
             attempts.instance = Some(Arc::clone(instance));
+            ctx.attempt_span = Some(ctx.trace.child());
             Ok(peer)
         }
         None => {

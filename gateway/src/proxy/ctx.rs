@@ -13,6 +13,7 @@ use crate::control::shutdown::InFlight;
 use crate::control::snapshot::{Route, Snapshot};
 use crate::policy::forwarding::{self, RequestId};
 use crate::policy::plugins::PluginContext;
+use telemetry::trace::TraceContext;
 
 /// The client end of a connection, as every request on it sees it.
 pub struct Client {
@@ -47,6 +48,13 @@ pub struct RequestCtx<'s> {
     /// The peer is one of `trusted_proxies`.
     pub peer_trusted: bool,
     pub request_id: RequestId,
+    /// The gateway's span of this request in its W3C trace (continuing the
+    /// client's valid `traceparent`, or a new trace).
+    pub trace: TraceContext,
+    /// The trace id, as `x-trace-id` gives it to the client.
+    pub trace_id: HeaderValue,
+    /// The span of the current attempt (the parent the upstream is told).
+    pub attempt_span: Option<TraceContext>,
     /// The matched route, once routed.
     pub route: Option<&'s Route>,
     /// What plugins left for later hooks.
@@ -77,6 +85,9 @@ impl<'s> RequestCtx<'s> {
             client_addr: client.addr,
             peer_trusted: false,
             request_id: RequestId::default(),
+            trace: TraceContext::root(false),
+            trace_id: HeaderValue::from_static("-"),
+            attempt_span: None,
             route: None,
             extensions: Extensions::new(),
             plugins_ran: 0,

@@ -21,7 +21,7 @@ use super::ctx::RequestCtx;
 use crate::control::shutdown;
 use crate::control::snapshot::Route;
 use crate::errors::{self, Answer, BODY_OVER_LIMIT, Failure};
-use crate::policy::forwarding::{self, REQUEST_ID, RequestId};
+use crate::policy::forwarding::{self, REQUEST_ID, RequestId, TRACE_ID};
 use crate::policy::routing;
 
 /// What the upstream connection is fit for after an exchange.
@@ -180,6 +180,8 @@ fn upstream_request(
         ctx.peer_trusted,
         &ctx.request_id,
     )?;
+    let span = ctx.attempt_span.unwrap_or(ctx.trace);
+    forwarding::set_trace_headers(&mut request, &span, ctx.trace.parent_id.is_some())?;
     if !route.plugins.is_empty() {
         let mut plugin_ctx = ctx.plugin_context(route, client_request);
         route
@@ -199,6 +201,7 @@ fn downstream_response(
 ) -> pingora::Result<()> {
     forwarding::strip_hop_by_hop(response);
     response.insert_header(REQUEST_ID, ctx.request_id.header())?;
+    response.insert_header(TRACE_ID, ctx.trace_id.clone())?;
     response_hooks(session.req_header(), response, ctx, route)
 }
 
@@ -294,7 +297,7 @@ fn answer_header(
     extra: &[(http::HeaderName, http::HeaderValue)],
     request_id: &RequestId,
 ) -> pingora::Result<ResponseHeader> {
-    let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    let mut header = ResponseHeader::build(status, Some(5 + extra.len()))?;
     if !body.is_empty() {
         header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     }
@@ -319,6 +322,7 @@ pub async fn answer_with(
     extra: &[(http::HeaderName, http::HeaderValue)],
 ) -> pingora::Result<()> {
     let mut header = Box::new(answer_header(status, &body, extra, &ctx.request_id)?);
+    header.insert_header(TRACE_ID, ctx.trace_id.clone())?;
     if let Some(route) = ctx.route {
         response_hooks(session.req_header(), &mut header, ctx, route)?;
     }

@@ -41,10 +41,13 @@ pub mod exchange;
 use crate::control::snapshot::{CurrentSnapshot, Route};
 use crate::engine::upstream_pool::UpstreamPool;
 use crate::errors::{Failure, GatewayError};
+use crate::metrics::RouteMetrics;
 use crate::policy::forwarding;
 use crate::policy::plugins::Stop;
+use crate::tracing_export;
 use admit::Admitted;
 use ctx::{Client, RequestCtx};
+use telemetry::trace::{TRACEPARENT, TraceContext};
 
 /// Keep-alive of a new client connection, in seconds (Pingora's default).
 const CLIENT_KEEPALIVE_SECONDS: u64 = 60;
@@ -133,6 +136,15 @@ impl Gateway {
         let mut ctx = RequestCtx::new(&snapshot, client);
         ctx.close = *shutdown.borrow();
         ctx.request_id = forwarding::request_id(session.req_header());
+        ctx.trace = TraceContext::continue_or_start(
+            session
+                .req_header()
+                .headers
+                .get(TRACEPARENT)
+                .map(|value| value.as_bytes()),
+            tracing_export::sample_new_trace(),
+        );
+        ctx.trace_id = forwarding::trace_id_value(&ctx.trace);
         let trusted = &snapshot.config.trusted_proxies;
         if let Some(peer) = client.addr
             && !trusted.is_empty()
@@ -150,7 +162,7 @@ impl Gateway {
             tracing::debug!(error = %failure.error, cause = ?failure.cause, request_id = %ctx.request_id, "request failed");
             exchange::answer_failure(session, &mut ctx, failure).await;
         }
-        access_log::log(session, &ctx, failure.as_ref());
+        observe(session, &ctx, failure.as_ref());
         if ctx.close && failure.is_some() {
             Next::ShutDown
         } else {
@@ -239,6 +251,24 @@ async fn request_hooks(
             Err(Failure::answer(GatewayError::Internal))
         }
     }
+}
+
+/// The request's metrics and access line, once it is answered.
+fn observe(session: &ServerSession, ctx: &RequestCtx<'_>, failure: Option<&Failure>) {
+    let status = ctx
+        .local_status
+        .or_else(|| session.response_written().map(|r| r.status.as_u16()))
+        .unwrap_or(0);
+    let elapsed = ctx.started.elapsed();
+    if ctx.snapshot.config.metrics {
+        let metrics = ctx
+            .route
+            .map_or(RouteMetrics::unrouted(), |route| &route.metrics);
+        // Nobody left to answer: nginx's 499.
+        let code = if status == 0 { 499 } else { status };
+        metrics.record(&session.req_header().method, code, elapsed.as_secs_f64());
+    }
+    access_log::log(session, ctx, failure, status, elapsed);
 }
 
 /// Waits until the server starts shutting down.

@@ -16,6 +16,9 @@
 //! - [`events`]: the transactional outbox, its relay to NATS JetStream, and
 //!   event consumers that apply each event once.
 //! - [`fault`]: the crash tests' fault injection.
+//! - [`metrics`]: the service's Prometheus metrics (`GET /metrics`).
+//! - [`trace`]: the request id and trace context work carries, and passes
+//!   on to the services it calls.
 //! - [`testing`]: calling a router in-process from tests.
 
 pub mod db;
@@ -23,8 +26,10 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod fault;
+pub mod metrics;
 pub mod money;
 pub mod serve;
 pub mod testing;
+pub mod trace;
 
 pub use error::{AppError, AppResult};

@@ -29,32 +29,59 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// Version reported by `/health`, as the original services did.
 pub const SERVICE_VERSION: &str = "1.0.0";
 
-/// Sets up `tracing` output: `RUST_LOG` if set, else `info`.
-pub fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Sets up `tracing` output for `service` in `format`: `RUST_LOG` if set,
+/// else `info`. A second call (tests) keeps the first subscriber.
+pub fn init_tracing(service: &'static str, format: telemetry::log::LogFormat) {
     use std::io::IsTerminal;
-    // A second call (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .try_init();
+    let ansi = std::io::stdout().is_terminal();
+    telemetry::log::init(service, format, ansi, std::io::stdout);
 }
 
-/// Adds what every service router needs: `GET /health` for `service`, JSON
-/// 404/405 answers, the body limit and one log line per request.
+/// Adds what every service router needs: `GET /health` for `service`,
+/// `GET /metrics`, JSON 404/405 answers, the body limit, and per request a
+/// span with its request id and trace context, its metrics and one log
+/// line.
 pub fn finish_router(router: Router, service: &'static str, pool: SqlitePool) -> Router {
     let health = Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .with_state(HealthState { service, pool });
     router
         .merge(health)
+        .route_layer(middleware::from_fn(note_route))
         .fallback(|| async { AppError::not_found("Not Found") })
         .method_not_allowed_fallback(|| async {
             AppError::new(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(service, observe_request))
+}
+
+/// `GET /metrics`: the service's exposition.
+async fn metrics() -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
+        .into_response()
+}
+
+/// Where the route template of a request is noted once routing found it
+/// (the outer middleware runs before routing, the route layer after).
+#[derive(Clone, Default)]
+struct RouteSlot(std::sync::Arc<std::sync::OnceLock<String>>);
+
+async fn note_route(request: Request, next: Next) -> Response {
+    if let (Some(slot), Some(matched)) = (
+        request.extensions().get::<RouteSlot>(),
+        request.extensions().get::<axum::extract::MatchedPath>(),
+    ) {
+        let _ = slot.0.set(matched.as_str().to_owned());
+    }
+    next.run(request).await
 }
 
 #[derive(Clone)]
@@ -89,25 +116,58 @@ async fn health(State(state): State<HealthState>) -> Response {
     }
 }
 
-async fn log_request(request: Request, next: Next) -> Response {
+/// One request: its context and span, its metrics, its log line.
+async fn observe_request(
+    State(service): State<&'static str>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    use tracing::Instrument;
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
-    let response = next.run(request).await;
+    let headers = request.headers();
+    let request_id = crate::trace::request_id(
+        headers
+            .get(crate::trace::REQUEST_ID)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let trace = telemetry::trace::TraceContext::continue_or_start(
+        headers
+            .get(telemetry::trace::TRACEPARENT)
+            .map(|v| v.as_bytes()),
+        false,
+    );
+    let slot = RouteSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        trace_id = %trace.trace_id_hex(),
+        span_id = %trace.span_id_hex(),
+    );
+    let context = crate::trace::CallContext { request_id, trace };
+    let response = crate::trace::within(context, next.run(request))
+        .instrument(span.clone())
+        .await;
     let status = response.status().as_u16();
-    let micros = started.elapsed().as_micros() as u64;
-    // Health probes arrive every second from every gateway: keep them out
-    // of the default log unless they fail.
-    if path == "/health" && response.status().is_success() {
-        tracing::debug!(%method, %path, status, micros, request_id, "request");
+    let elapsed = started.elapsed();
+    let route = slot.0.get().map_or("unmatched", String::as_str);
+    crate::metrics::record_request(
+        service,
+        method.as_str(),
+        route,
+        status,
+        elapsed.as_secs_f64(),
+    );
+    let duration_ms = elapsed.as_secs_f64() * 1000.0;
+    let _in_request = span.enter();
+    // Health probes and scrapes arrive every second: keep them out of the
+    // default log unless they fail.
+    if matches!(path.as_str(), "/health" | "/metrics") && response.status().is_success() {
+        tracing::debug!(%method, %path, route, status, duration_ms, "request");
     } else {
-        tracing::info!(%method, %path, status, micros, request_id, "request");
+        tracing::info!(%method, %path, route, status, duration_ms, "request");
     }
     response
 }

@@ -89,6 +89,7 @@ impl Dependencies {
         let response = self
             .http
             .get(&url)
+            .headers(propagation())
             .send()
             .await
             .map_err(|err| unreachable("User service", &err))?;
@@ -117,7 +118,14 @@ impl Dependencies {
             items: items.to_vec(),
         };
         let unknown = |error: AppError, released: bool| Refused::Unknown { error, released };
-        let response = match self.http.post(&url).json(&body).send().await {
+        let response = match self
+            .http
+            .post(&url)
+            .headers(propagation())
+            .json(&body)
+            .send()
+            .await
+        {
             Ok(response) => response,
             Err(err) if err.is_connect() => {
                 // Nothing reached product-service.
@@ -166,6 +174,7 @@ impl Dependencies {
         let response = self
             .http
             .post(&url)
+            .headers(propagation())
             .send()
             .await
             .map_err(|err| unreachable("Product service", &err))?;
@@ -183,6 +192,7 @@ impl Dependencies {
         let response = self
             .http
             .get(&url)
+            .headers(propagation())
             .send()
             .await
             .map_err(|err| unreachable("Product service", &err))?;
@@ -207,7 +217,7 @@ impl Dependencies {
             self.products_url
         );
         for attempt in 1..=RELEASE_ATTEMPTS {
-            match self.http.post(&url).send().await {
+            match self.http.post(&url).headers(propagation()).send().await {
                 Ok(response) if response.status().is_success() => return true,
                 Ok(response) => {
                     tracing::warn!(reservation = reservation_id, status = %response.status(), attempt, "release refused");
@@ -242,6 +252,17 @@ impl Refused {
             Refused::Clean(error) | Refused::Unknown { error, .. } => error,
         }
     }
+}
+
+/// The current request's `traceparent` and `x-request-id`, for a call.
+fn propagation() -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (name, value) in service_kit::trace::outgoing_headers() {
+        if let Ok(value) = reqwest::header::HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    headers
 }
 
 fn unreachable(dependency: &str, err: &reqwest::Error) -> AppError {

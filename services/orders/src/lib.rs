@@ -222,9 +222,11 @@ async fn create_order(
     let user_id = new_order.user_id;
     // Detached from the request: dropping this handler (client gone) must
     // not stop the task between two steps.
-    let placed = tokio::spawn(async move { saga::place(&state, user_id, items).await })
-        .await
-        .map_err(|err| AppError::internal(format!("order task failed: {err}")))??;
+    let placed = tokio::spawn(service_kit::trace::carry(async move {
+        saga::place(&state, user_id, items).await
+    }))
+    .await
+    .map_err(|err| AppError::internal(format!("order task failed: {err}")))??;
     Ok((StatusCode::CREATED, Json(placed)))
 }
 

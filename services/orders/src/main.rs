@@ -20,6 +20,10 @@ struct Settings {
     /// SQLite database file (created if missing).
     #[arg(long, env = "ORDER_SERVICE_DB", default_value = "data/orders.db")]
     db: PathBuf,
+    /// Log lines as `text` or `json` (one object per line, the same field
+    /// names in every process).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    log_format: telemetry::log::LogFormat,
     /// Base URL of user-service.
     #[arg(long, env = "USERS_URL", default_value = "http://127.0.0.1:8001")]
     users_url: String,
@@ -44,7 +48,7 @@ struct Settings {
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
-    service_kit::serve::init_tracing();
+    service_kit::serve::init_tracing(SERVICE_NAME, settings.log_format);
     let deps = match Dependencies::new(&settings.users_url, &settings.products_url) {
         Ok(deps) => deps,
         Err(err) => {

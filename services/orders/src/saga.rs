@@ -93,15 +93,30 @@ pub async fn place(state: &AppState, user_id: i64, items: Vec<ItemRequest>) -> A
     Ok(order)
 }
 
+/// `orders_placed_total{outcome}`: `confirmed` or `failed`.
+fn placed(outcome: &str) {
+    static COUNTER: std::sync::OnceLock<prometheus::IntCounterVec> = std::sync::OnceLock::new();
+    COUNTER
+        .get_or_init(|| {
+            service_kit::metrics::counter(
+                "orders_placed_total",
+                "Orders that ended placing, by outcome (confirmed, failed).",
+                &["outcome"],
+            )
+        })
+        .with_label_values(&[outcome])
+        .inc();
+}
+
 async fn insert_pending(state: &AppState, user_id: i64, reservation_id: &str) -> AppResult<i64> {
-    let id: i64 = sqlx::query_scalar(
+    let insert = sqlx::query_scalar(
         "INSERT INTO orders (user_id, total_cents, status, reservation_id, updated_at)
          VALUES (?, 0, 'pending', ?, strftime('%Y-%m-%dT%H:%M:%SZ', 'now')) RETURNING id",
     )
     .bind(user_id)
     .bind(reservation_id)
-    .fetch_one(&state.db)
-    .await?;
+    .fetch_one(&state.db);
+    let id: i64 = service_kit::metrics::timed(SERVICE_NAME, "order_insert_pending", insert).await?;
     Ok(id)
 }
 
@@ -179,6 +194,7 @@ async fn confirm(state: &AppState, id: i64, reservation: &Reservation) -> AppRes
     .await?;
     tx.commit().await?;
     state.relay.wake();
+    placed("confirmed");
     Ok(Some(order))
 }
 
@@ -211,6 +227,7 @@ async fn fail(state: &AppState, id: i64, reason: &str, hold_possible: bool) -> A
         tx.commit().await?;
         state.relay.wake();
         tracing::info!(order = id, reason, "order failed");
+        placed("failed");
         return Ok(true);
     }
     Ok(false)

@@ -18,6 +18,10 @@ struct Settings {
     /// SQLite database file (created if missing).
     #[arg(long, env = "PRODUCT_SERVICE_DB", default_value = "data/products.db")]
     db: PathBuf,
+    /// Log lines as `text` or `json` (one object per line, the same field
+    /// names in every process).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    log_format: telemetry::log::LogFormat,
     /// NATS server with JetStream for the stock events and the
     /// order.cancelled consumer (e.g. nats://127.0.0.1:4222); without it
     /// events wait in the outbox.
@@ -32,7 +36,7 @@ struct Settings {
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
-    service_kit::serve::init_tracing();
+    service_kit::serve::init_tracing(SERVICE_NAME, settings.log_format);
     let broker = match &settings.broker {
         Some(url) => match service_kit::events::Broker::connect(url).await {
             Ok(broker) => Some(broker),

@@ -48,6 +48,22 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// `stock_reservations_total{outcome}`: reserved, insufficient,
+/// not_found, confirmed, released, expired.
+fn counted(outcome: &str) {
+    static COUNTER: std::sync::OnceLock<prometheus::IntCounterVec> = std::sync::OnceLock::new();
+    COUNTER
+        .get_or_init(|| {
+            service_kit::metrics::counter(
+                "stock_reservations_total",
+                "Reservation changes and refusals, by outcome.",
+                &["outcome"],
+            )
+        })
+        .with_label_values(&[outcome])
+        .inc();
+}
+
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -130,6 +146,11 @@ pub async fn reserve(
                 .bind(item.product_id)
                 .fetch_optional(&mut *tx)
                 .await?;
+            counted(if exists.is_some() {
+                "insufficient"
+            } else {
+                "not_found"
+            });
             return Err(match exists {
                 None => AppError::not_found(format!("Product {} not found", item.product_id)),
                 Some(_) => AppError::bad_request(format!(
@@ -169,8 +190,9 @@ pub async fn reserve(
         json!({"reservation_id": id, "items": items_json(&reserved)}),
     )
     .await?;
-    tx.commit().await?;
+    service_kit::metrics::timed(SERVICE_NAME, "reserve_commit", tx.commit()).await?;
     state.relay.wake();
+    counted("reserved");
     service_kit::fault::exit_after("reserved");
     tracing::info!(reservation = %id, lines = reserved.len(), "stock reserved");
     Ok((
@@ -224,6 +246,7 @@ pub async fn confirm(
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
+            counted("confirmed");
             tracing::info!(reservation = %id, "reservation confirmed");
             Ok(Json(Reservation {
                 status: ReservationStatus::Confirmed,
@@ -294,6 +317,7 @@ pub async fn release_in(
         json!({"reservation_id": id, "items": items_json(&reservation.items), "cause": cause}),
     )
     .await?;
+    counted("released");
     tracing::info!(reservation = %id, lines = reservation.items.len(), "stock released");
     Ok(Reservation {
         status: ReservationStatus::Released,
@@ -343,6 +367,7 @@ pub async fn expire_due(db: &SqlitePool) -> Result<usize, sqlx::Error> {
             json!({"reservation_id": id, "items": items_json(&reservation.items)}),
         )
         .await?;
+        counted("expired");
         tracing::warn!(reservation = %id, "reservation expired unconfirmed: stock returned");
     }
     tx.commit().await?;

@@ -137,10 +137,13 @@ async fn create_user(
     .bind(&new_user.username)
     .bind(&new_user.email)
     .bind(&new_user.full_name)
-    .fetch_one(&state.db)
-    .await;
+    .fetch_one(&state.db);
+    let inserted = service_kit::metrics::timed(SERVICE_NAME, "user_insert", inserted).await;
     match inserted {
-        Ok(row) => Ok((StatusCode::CREATED, Json(User::from_row(&row)?))),
+        Ok(row) => {
+            users_created().inc();
+            Ok((StatusCode::CREATED, Json(User::from_row(&row)?)))
+        }
         Err(err) if db::is_unique_violation(&err, "users.username") => {
             Err(AppError::conflict("Username already exists"))
         }
@@ -166,10 +169,20 @@ async fn get_user(State(state): State<AppState>, Path(id): Path<i64>) -> AppResu
         "SELECT {USER_COLUMNS} FROM users WHERE id = ?"
     )))
     .bind(id)
-    .fetch_optional(&state.db)
-    .await?
-    .ok_or_else(|| AppError::not_found("User not found"))?;
+    .fetch_optional(&state.db);
+    let row = service_kit::metrics::timed(SERVICE_NAME, "user_get", row)
+        .await?
+        .ok_or_else(|| AppError::not_found("User not found"))?;
     Ok(Json(User::from_row(&row)?))
+}
+
+/// `users_created_total`.
+fn users_created() -> &'static prometheus::IntCounter {
+    static COUNTER: std::sync::OnceLock<prometheus::IntCounter> = std::sync::OnceLock::new();
+    COUNTER.get_or_init(|| {
+        service_kit::metrics::counter("users_created_total", "Users created.", &[])
+            .with_label_values::<&str>(&[])
+    })
 }
 
 #[cfg(test)]

@@ -17,12 +17,16 @@ struct Settings {
     /// SQLite database file (created if missing).
     #[arg(long, env = "USER_SERVICE_DB", default_value = "data/users.db")]
     db: PathBuf,
+    /// Log lines as `text` or `json` (one object per line, the same field
+    /// names in every process).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    log_format: telemetry::log::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
-    service_kit::serve::init_tracing();
+    service_kit::serve::init_tracing(SERVICE_NAME, settings.log_format);
     let db = open_db(&settings.db).await;
     service_kit::serve::service_main(SERVICE_NAME, settings.listen, db, |db| app(AppState { db }))
         .await

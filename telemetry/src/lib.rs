@@ -1,0 +1,13 @@
+//! What every process of the system shares so that it can be seen from
+//! outside, whichever process it is:
+//!
+//! - [`trace`]: W3C Trace Context (`traceparent`), parsed, continued and
+//!   written; ids made without a lock or a system call.
+//! - [`log`]: one log format for all four processes: today's text lines, or
+//!   JSON lines (`--log-format json`, `LOG_FORMAT=json`) whose field names
+//!   are the same everywhere: `ts level service msg request_id trace_id
+//!   span_id` and, for access lines, `method path route status duration_ms
+//!   upstream attempts error timeout`.
+
+pub mod log;
+pub mod trace;
