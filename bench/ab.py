@@ -15,6 +15,12 @@ and p99, and the median of the per-pair ratios with how many pairs B won.
 
   bench/ab.sh --a-bin /tmp/gateway-before --label refactor
   bench/ab.sh --b-plugins '[{api_key: {...}}, {rate_limit: {...}}]' --b-header 'x-api-key: k' --label security
+  bench/ab.sh --a-extra 'metrics: false' --label metrics
+  bench/ab.sh --b-env 'OTEL_EXPORTER_OTLP_ENDPOINT={otlp}' --label otlp
+
+`--a-env`/`--b-env` set the variant's environment; `{otlp}` in a value is
+the address of an OTLP/HTTP sink this script runs (it answers every export
+with 200 and counts the bytes), so span export can be measured.
 """
 
 import argparse
@@ -23,6 +29,8 @@ import json
 import os
 import statistics
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import bench
 
@@ -46,14 +54,40 @@ routes:
 """
 
 
-def start_variant(procs, name, binary, args, extra, plugins):
+class OtlpSink(BaseHTTPRequestHandler):
+    """Takes OTLP/HTTP exports and throws them away (counting them)."""
+
+    exports = 0
+    received = 0
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length", 0))
+        body = self.rfile.read(length)
+        OtlpSink.exports += 1
+        OtlpSink.received += len(body)
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *_):
+        pass
+
+
+def start_sink():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def start_variant(procs, name, binary, args, extra, plugins, variant_env):
     backend = bench.start_backend(procs, f"backend-{name}", args.backend_threads)
     port, admin = bench.free_port(), bench.free_port()
     path = os.path.join(bench.WORK, "conf", f"ab-{name}.yaml")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(config(port, admin, backend, args.threads, extra, plugins))
-    env = dict(os.environ, RUST_LOG=args.gateway_log)
+    env = dict(os.environ, RUST_LOG=args.gateway_log, **variant_env)
     proc = procs.start(f"gateway-{name}", [binary, "--config", path], env=env)
     bench.wait_http(f"http://127.0.0.1:{port}/health")
     return port, proc
@@ -67,6 +101,8 @@ def main():
         parser.add_argument(f"--{side}-extra", default="", help="top-level gateway.yaml lines (\\n between)")
         parser.add_argument(f"--{side}-plugins", default=DEFAULT_PLUGINS, help="the route's plugins, as YAML")
         parser.add_argument(f"--{side}-header", action="append", default=[], help="a request header (repeatable)")
+        parser.add_argument(f"--{side}-env", action="append", default=[],
+                            help="NAME=VALUE in the gateway's environment (repeatable; {otlp}: the sink)")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=3, help="length of each oha run")
     parser.add_argument("--connections", type=int, default=50)
@@ -87,12 +123,19 @@ def main():
 
     procs = bench.Processes()
     pairs = []
+    sink = None
     try:
         sides = {}
         for side in ("a", "b"):
             extra = getattr(args, f"{side}_extra").replace("\\n", "\n")
+            variant_env = {}
+            for item in getattr(args, f"{side}_env"):
+                key, _, value = item.partition("=")
+                if "{otlp}" in value and sink is None:
+                    sink = start_sink()
+                variant_env[key] = value.replace("{otlp}", sink[1]) if sink else value
             port, proc = start_variant(procs, side, getattr(args, f"{side}_bin"), args, extra,
-                                       getattr(args, f"{side}_plugins"))
+                                       getattr(args, f"{side}_plugins"), variant_env)
             sides[side] = (port, proc.pid, getattr(args, f"{side}_header"))
         for port, _, headers in sides.values():  # warm-up
             bench.oha(f"http://127.0.0.1:{port}{args.path}", args.connections, 1, headers=headers)
@@ -117,6 +160,9 @@ def main():
                       f"p99 x{ratio['p99']:.3f}  failed {a['failed']}+{b['failed']}")
     finally:
         procs.stop()
+        if sink:
+            sink[0].shutdown()
+            bench.log(f"OTLP sink: {OtlpSink.exports} exports, {OtlpSink.received} bytes")
 
     def median(key):
         return statistics.median(p["ratio"][key] for p in pairs)
@@ -134,6 +180,8 @@ def main():
         "a_rps": statistics.median(p["a"]["rps"] for p in pairs),
         "b_rps": statistics.median(p["b"]["rps"] for p in pairs),
         "failed": sum(p["a"]["failed"] + p["b"]["failed"] for p in pairs),
+        "otlp_exports": OtlpSink.exports,
+        "otlp_bytes": OtlpSink.received,
     }
     n = summary["pairs"]
     print(f"B/A over {n} pairs (median of per-pair ratios): CPU per request x{summary['cpu_ratio']:.3f} "

@@ -48,8 +48,18 @@ pub fn main(plugins: PluginRegistry) -> ExitCode {
         Some(Command::Check { files }) => check(&files, &plugins),
         None => {
             crate::init_tracing(cli.log_format);
+            match telemetry::export::init_from_env("gateway") {
+                Ok(true) => tracing::info!("exporting spans over OTLP"),
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!("{err}");
+                    crate::flush_logs();
+                    return ExitCode::FAILURE;
+                }
+            }
             let status = crate::server::run(&cli.config, cli.upgrade, plugins);
             crate::flush_logs();
+            telemetry::export::shutdown();
             status
         }
     }

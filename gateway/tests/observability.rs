@@ -375,3 +375,140 @@ async fn a_valid_traceparent_is_continued_and_a_malformed_one_replaced() {
     let response = client().get(gateway.url("/health")).send().await.unwrap();
     assert_eq!(response.headers()["x-trace-id"].to_str().unwrap().len(), 32);
 }
+
+/// Spans go to a real OTLP/HTTP receiver: the gateway's request span
+/// continues the client's trace, each attempt is its child, and the
+/// upstream is told the attempt's span as its parent. A sampler that says
+/// no exports nothing, while the context is still propagated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_with_the_right_parents() {
+    use telemetry::receiver::Receiver;
+    let receiver = Receiver::start().await.unwrap();
+    let backend = Backend::start("b");
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let gateway = GatewayProcess::start_with(
+        &support::single_route("", backend.addr),
+        &Extras {
+            env: env.clone(),
+            ..Extras::default()
+        },
+    )
+    .await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = client()
+        .get(gateway.url("/api/things"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen: Value = response.json().await.unwrap();
+    let sent = seen["headers"]["traceparent"].as_str().unwrap().to_owned();
+
+    let spans = receiver
+        .wait_for(Duration::from_secs(10), |spans| {
+            spans.iter().filter(|s| s.trace_id == trace_id).count() >= 2
+        })
+        .await;
+    let spans: Vec<_> = spans
+        .into_iter()
+        .filter(|s| s.trace_id == trace_id)
+        .collect();
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let server = spans.iter().find(|s| s.kind == 2).expect("a server span");
+    let attempt = spans.iter().find(|s| s.kind == 3).expect("a client span");
+    assert_eq!(server.service, "gateway");
+    assert_eq!(server.name, "GET /");
+    assert_eq!(
+        server.parent_span_id, "00f067aa0ba902b7",
+        "the client's span"
+    );
+    assert_eq!(server.attribute("http.response.status_code"), Some("200"));
+    assert_eq!(server.attribute("http.route"), Some("/"));
+    assert_eq!(attempt.parent_span_id, server.span_id);
+    assert_eq!(attempt.attribute("gateway.outcome"), Some("ok"));
+    assert_eq!(
+        sent,
+        format!("00-{trace_id}-{}-01", attempt.span_id),
+        "the upstream's parent is the attempt's span"
+    );
+    assert_eq!(
+        attempt.attribute("server.port"),
+        Some(backend.addr.port().to_string().as_str())
+    );
+
+    // A trace the gateway starts is sampled by the default sampler
+    // (parentbased_always_on) and has no parent.
+    let response = client().get(gateway.url("/api/new")).send().await.unwrap();
+    let started = response.headers()["x-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let spans = receiver
+        .wait_for(Duration::from_secs(10), |spans| {
+            spans.iter().any(|s| s.trace_id == started && s.kind == 2)
+        })
+        .await;
+    let root = spans
+        .iter()
+        .find(|s| s.trace_id == started && s.kind == 2)
+        .expect("the new trace's root span");
+    assert_eq!(root.parent_span_id, "");
+
+    // always_off: nothing exported, the context still goes upstream (not
+    // sampled: this sampler does not follow the caller).
+    let quiet = Receiver::start().await.unwrap();
+    let gateway = GatewayProcess::start_with(
+        &support::single_route("", backend.addr),
+        &Extras {
+            env: vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", quiet.endpoint.as_str()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+                ("OTEL_TRACES_SAMPLER", "always_off"),
+            ],
+            ..Extras::default()
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        let response = client()
+            .get(gateway.url("/api/x"))
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+            .send()
+            .await
+            .unwrap();
+        let seen: Value = response.json().await.unwrap();
+        let sent = seen["headers"]["traceparent"].as_str().unwrap();
+        assert!(sent.starts_with(&format!("00-{trace_id}-")), "{sent}");
+        assert!(sent.ends_with("-00"), "{sent}");
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(quiet.spans().is_empty(), "{:#?}", quiet.spans());
+
+    // A sampler the gateway does not know stops it at start-up, named.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: \"127.0.0.1:{}\"\n{}",
+            support::free_port(),
+            support::single_route("", backend.addr)
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(support::GATEWAY)
+        .arg("--config")
+        .arg(&config)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
+        .env("OTEL_TRACES_SAMPLER", "sometimes")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("OTEL_TRACES_SAMPLER"), "{text}");
+}

@@ -107,6 +107,8 @@ routes:
 
     // The local broker on free ports too.
     let (nats, nats_monitor) = (free_addr().port(), free_addr().port());
+    // Every process exports its spans to one OTLP receiver.
+    let receiver = telemetry::receiver::Receiver::start().await.unwrap();
     let mut stack = tokio::process::Command::new(STACK)
         .arg("--config")
         .arg(&config)
@@ -119,6 +121,8 @@ routes:
         // Every process logs JSON lines: one order's trace is then followed
         // through all four.
         .env("LOG_FORMAT", "json")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -228,6 +232,73 @@ routes:
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // ... and one trace of spans across the four, each linked to its
+    // parent: client → gateway request → attempt → order-service request →
+    // its calls → user-service's and product-service's requests.
+    let spans = receiver
+        .wait_for(Duration::from_secs(15), |spans| {
+            let services: std::collections::BTreeSet<&str> = spans
+                .iter()
+                .filter(|s| s.trace_id == trace_id && s.kind == 2)
+                .map(|s| s.service.as_str())
+                .collect();
+            services.len() == 4
+        })
+        .await;
+    let spans: Vec<_> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+    let summary = || {
+        spans
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {:?} {} <- {}",
+                    s.service, s.name, s.span_id, s.parent_span_id
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let find = |service: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.name == name)
+            .unwrap_or_else(|| panic!("no span {service} {name:?} in:\n{}", summary()))
+    };
+    let gateway_request = find("gateway", "POST /api/orders");
+    assert_eq!(gateway_request.parent_span_id, "00f067aa0ba902b7");
+    let attempt = find("gateway", "POST order-service");
+    assert_eq!(attempt.parent_span_id, gateway_request.span_id);
+    let order_request = find("order-service", "POST /orders");
+    assert_eq!(
+        order_request.parent_span_id,
+        attempt.span_id,
+        "{}",
+        summary()
+    );
+    let user_call = find("order-service", "GET user-service /users/{id}");
+    assert_eq!(user_call.parent_span_id, order_request.span_id);
+    let user_request = find("user-service", "GET /users/{id}");
+    assert_eq!(user_request.parent_span_id, user_call.span_id);
+    let reserve_call = find("order-service", "POST product-service /reservations");
+    assert_eq!(reserve_call.parent_span_id, order_request.span_id);
+    let reserve_request = find("product-service", "POST /reservations");
+    assert_eq!(reserve_request.parent_span_id, reserve_call.span_id);
+    let insert = find("order-service", "db order_insert_pending");
+    assert_eq!(insert.parent_span_id, order_request.span_id);
+    let reserve_commit = find("product-service", "db reserve_commit");
+    assert_eq!(reserve_commit.parent_span_id, reserve_request.span_id);
+    // Every span's parent is in the trace, but the client's.
+    for span in &spans {
+        assert!(
+            span.parent_span_id == "00f067aa0ba902b7"
+                || spans.iter().any(|p| p.span_id == span.parent_span_id),
+            "{} {:?} has no parent in the trace:\n{}",
+            span.service,
+            span.name,
+            summary()
+        );
+    }
+
     let health: Value = http
         .get(url("/health"))
         .send()

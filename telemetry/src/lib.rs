@@ -8,6 +8,13 @@
 //!   are the same everywhere: `ts level service msg request_id trace_id
 //!   span_id` and, for access lines, `method path route status duration_ms
 //!   upstream attempts error timeout`.
+//! - [`export`]: OTLP export of finished spans (off unless
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set) and the sampling decision.
+//! - `receiver` (feature `receiver`, for tests): an OTLP/HTTP receiver that
+//!   keeps what it is sent.
 
+pub mod export;
 pub mod log;
+#[cfg(feature = "receiver")]
+pub mod receiver;
 pub mod trace;

@@ -66,6 +66,11 @@ impl TraceContext {
         self.flags & 1 == 1
     }
 
+    /// Sets or clears the sampled flag (the other flags are kept).
+    pub fn set_sampled(&mut self, sampled: bool) {
+        self.flags = (self.flags & !1) | u8::from(sampled);
+    }
+
     /// `traceparent` naming this span as the parent (what goes to a
     /// callee): 55 bytes.
     pub fn header(&self) -> String {

@@ -82,6 +82,7 @@ pub fn spawn_drain_watch(runtime: &tokio::runtime::Handle, grace: Duration) -> s
             if idle_checks >= 2 {
                 tracing::info!("all requests finished: exiting");
                 crate::flush_logs();
+                telemetry::export::shutdown();
                 std::process::exit(0);
             }
             tokio::time::sleep(DRAIN_POLL).await;
@@ -91,6 +92,7 @@ pub fn spawn_drain_watch(runtime: &tokio::runtime::Handle, grace: Duration) -> s
             "grace period over: exiting with requests still in flight"
         );
         crate::flush_logs();
+        telemetry::export::shutdown();
         std::process::exit(0);
     });
     Ok(())

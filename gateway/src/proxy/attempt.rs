@@ -26,6 +26,7 @@ use crate::control::health::InstanceHealth;
 use crate::control::snapshot::Route;
 use crate::errors::{Failure, GatewayError};
 use crate::metrics::Outcome;
+use crate::tracing_export;
 
 /// A client-chosen key that makes a non-idempotent request safe to retry.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -265,23 +266,26 @@ fn settle(facts: &Facts, ctx: &mut RequestCtx<'_>, route: &Route) -> Decision {
 }
 
 /// Counts the current attempt's outcome for its instance.
-fn count_attempt(ctx: &RequestCtx<'_>, outcome: Outcome) {
+fn count_attempt(ctx: &mut RequestCtx<'_>, outcome: Outcome) {
     if let Some(instance) = &ctx.attempts.instance {
         instance.attempts.count(outcome);
     }
+    tracing_export::end_attempt(ctx, outcome, None);
 }
 
 /// Records a response's outcome for passive health and the attempt
 /// counters.
-pub fn record_response(ctx: &RequestCtx<'_>, route: &Route, success: bool) {
+pub fn record_response(ctx: &mut RequestCtx<'_>, route: &Route, status: u16) {
+    let outcome = if status >= 500 {
+        Outcome::Http5xx
+    } else {
+        Outcome::Ok
+    };
     if let Some(instance) = &ctx.attempts.instance {
-        route.upstream.record(instance, success);
-        instance.attempts.count(if success {
-            Outcome::Ok
-        } else {
-            Outcome::Http5xx
-        });
+        route.upstream.record(instance, outcome == Outcome::Ok);
+        instance.attempts.count(outcome);
     }
+    tracing_export::end_attempt(ctx, outcome, Some(status));
 }
 
 /// The instance for the next attempt and its peer, or why there is none.
@@ -311,7 +315,7 @@ fn next_peer(ctx: &mut RequestCtx<'_>, route: &Route) -> Result<HttpPeer, Failur
             let peer = upstream.peer(instance, time_left);
             attempts.tried.push(instance.socket);
             attempts.instance = Some(Arc::clone(instance));
-            ctx.attempt_span = Some(ctx.trace.child());
+            tracing_export::start_attempt(ctx, instance.socket);
             Ok(peer)
         }
         None => {

@@ -13,6 +13,7 @@ use crate::control::shutdown::InFlight;
 use crate::control::snapshot::{Route, Snapshot};
 use crate::policy::forwarding::{self, RequestId};
 use crate::policy::plugins::PluginContext;
+use crate::tracing_export::AttemptSpan;
 use telemetry::trace::TraceContext;
 
 /// The client end of a connection, as every request on it sees it.
@@ -55,6 +56,8 @@ pub struct RequestCtx<'s> {
     pub trace_id: HeaderValue,
     /// The span of the current attempt (the parent the upstream is told).
     pub attempt_span: Option<TraceContext>,
+    /// The attempts' spans, kept only when this request is exported.
+    pub attempt_spans: Vec<AttemptSpan>,
     /// The matched route, once routed.
     pub route: Option<&'s Route>,
     /// What plugins left for later hooks.
@@ -88,6 +91,7 @@ impl<'s> RequestCtx<'s> {
             trace: TraceContext::root(false),
             trace_id: HeaderValue::from_static("-"),
             attempt_span: None,
+            attempt_spans: Vec::new(),
             route: None,
             extensions: Extensions::new(),
             plugins_ran: 0,

@@ -124,7 +124,7 @@ pub async fn exchange(
         }
     };
     if !response.status.is_informational() {
-        attempt::record_response(ctx, route, !response.status.is_server_error());
+        attempt::record_response(ctx, route, response.status.as_u16());
     }
     downstream_response(session, &mut response, ctx, route).map_err(|e| e.into_in())?;
     send_header(session, ctx, response)

@@ -47,7 +47,7 @@ use crate::policy::plugins::Stop;
 use crate::tracing_export;
 use admit::Admitted;
 use ctx::{Client, RequestCtx};
-use telemetry::trace::{TRACEPARENT, TraceContext};
+use telemetry::trace::TRACEPARENT;
 
 /// Keep-alive of a new client connection, in seconds (Pingora's default).
 const CLIENT_KEEPALIVE_SECONDS: u64 = 60;
@@ -136,13 +136,12 @@ impl Gateway {
         let mut ctx = RequestCtx::new(&snapshot, client);
         ctx.close = *shutdown.borrow();
         ctx.request_id = forwarding::request_id(session.req_header());
-        ctx.trace = TraceContext::continue_or_start(
+        ctx.trace = tracing_export::begin(
             session
                 .req_header()
                 .headers
                 .get(TRACEPARENT)
                 .map(|value| value.as_bytes()),
-            tracing_export::sample_new_trace(),
         );
         ctx.trace_id = forwarding::trace_id_value(&ctx.trace);
         let trusted = &snapshot.config.trusted_proxies;
@@ -269,6 +268,7 @@ fn observe(session: &ServerSession, ctx: &RequestCtx<'_>, failure: Option<&Failu
         metrics.record(&session.req_header().method, code, elapsed.as_secs_f64());
     }
     access_log::log(session, ctx, failure, status, elapsed);
+    tracing_export::finish(session, ctx, status, failure);
 }
 
 /// Waits until the server starts shutting down.

@@ -88,13 +88,24 @@ pub fn record_request(service: &str, method: &str, route: &str, code: u16, secon
 }
 
 /// Runs `work`, timing it as `service`'s database operation `op`.
+/// Within a request whose trace is exported, also a span (`db <op>`).
 pub async fn timed<F: Future>(service: &str, op: &str, work: F) -> F::Output {
+    let span = crate::trace::Child::start();
     let started = Instant::now();
     let output = work.await;
     families()
         .db
         .with_label_values(&[service, op])
         .observe(started.elapsed().as_secs_f64());
+    span.finish(
+        format!("db {op}"),
+        telemetry::export::SpanKind::Internal,
+        vec![
+            telemetry::export::KeyValue::new("db.system", "sqlite"),
+            telemetry::export::KeyValue::new("db.operation.name", op.to_owned()),
+        ],
+        None,
+    );
     output
 }
 

@@ -132,11 +132,10 @@ async fn observe_request(
             .get(crate::trace::REQUEST_ID)
             .and_then(|v| v.to_str().ok()),
     );
-    let trace = telemetry::trace::TraceContext::continue_or_start(
+    let trace = telemetry::export::begin(
         headers
             .get(telemetry::trace::TRACEPARENT)
             .map(|v| v.as_bytes()),
-        false,
     );
     let slot = RouteSlot::default();
     request.extensions_mut().insert(slot.clone());
@@ -146,7 +145,11 @@ async fn observe_request(
         trace_id = %trace.trace_id_hex(),
         span_id = %trace.span_id_hex(),
     );
-    let context = crate::trace::CallContext { request_id, trace };
+    let context = crate::trace::CallContext {
+        request_id: request_id.clone(),
+        trace,
+    };
+    let wall = std::time::SystemTime::now();
     let response = crate::trace::within(context, next.run(request))
         .instrument(span.clone())
         .await;
@@ -159,6 +162,15 @@ async fn observe_request(
         route,
         status,
         elapsed.as_secs_f64(),
+    );
+    crate::trace::record_server_span(
+        &trace,
+        wall,
+        method.as_str(),
+        &path,
+        route,
+        status,
+        &request_id,
     );
     let duration_ms = elapsed.as_secs_f64() * 1000.0;
     let _in_request = span.enter();
@@ -262,6 +274,14 @@ pub async fn service_main(
     build_app: impl FnOnce(SqlitePool) -> Router,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
+    match telemetry::export::init_from_env(service) {
+        Ok(true) => tracing::info!("exporting spans over OTLP"),
+        Ok(false) => {}
+        Err(err) => {
+            tracing::error!("{service}: {err}");
+            return ExitCode::FAILURE;
+        }
+    }
     let db = match db {
         Ok(db) => db,
         Err(err) => {
@@ -271,6 +291,8 @@ pub async fn service_main(
     };
     let served = serve_until_signal(service, listen, build_app(db.clone())).await;
     db.close().await;
+    // The exporter's thread blocks while it sends what is left.
+    let _ = tokio::task::spawn_blocking(telemetry::export::shutdown).await;
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

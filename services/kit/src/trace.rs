@@ -5,11 +5,16 @@
 //! from each request (continuing a valid trace, starting one otherwise),
 //! runs the handler in a `request` span with `request_id`, `trace_id` and
 //! `span_id`, and keeps the [`CallContext`] in a task-local; a call to
-//! another service adds [`outgoing_headers`]. Work moved to another task
-//! keeps both with [`carry`].
+//! another service runs as a [`Child`] span and sends its headers. Work
+//! moved to another task keeps both with [`carry`]. Spans are exported
+//! over OTLP when the request is sampled and export is on
+//! (`telemetry::export`).
 
+use std::borrow::Cow;
 use std::future::Future;
+use std::time::SystemTime;
 
+use telemetry::export::{KeyValue, Span, SpanKind};
 use telemetry::trace::{TRACEPARENT, TraceContext};
 use tracing::Instrument;
 
@@ -50,16 +55,94 @@ pub fn carry<F: Future>(work: F) -> impl Future<Output = F::Output> {
     }
 }
 
-/// The headers a call to another service sends for the current request:
-/// `traceparent` (this request's span as the parent) and `x-request-id`.
-pub fn outgoing_headers() -> Vec<(&'static str, String)> {
-    match current() {
-        Some(context) => vec![
-            (TRACEPARENT, context.trace.header()),
-            (REQUEST_ID, context.request_id),
-        ],
-        None => Vec::new(),
+/// A span within the current request (a database query, a call to
+/// another service): its id is chosen at once, so that a call can name it
+/// as the callee's parent; it is exported when it finishes if the request
+/// is sampled and export is on. Outside a request it is inert.
+pub struct Child {
+    context: Option<CallContext>,
+    /// When it started, only if it will be exported.
+    started: Option<SystemTime>,
+}
+
+impl Child {
+    pub fn start() -> Child {
+        let context = current().map(|mut context| {
+            context.trace = context.trace.child();
+            context
+        });
+        let started = context
+            .as_ref()
+            .filter(|c| c.trace.sampled() && telemetry::export::enabled())
+            .map(|_| SystemTime::now());
+        Child { context, started }
     }
+
+    /// The headers a call made as this span sends: `traceparent` (this
+    /// span as the parent) and the request's `x-request-id`.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match &self.context {
+            Some(context) => vec![
+                (TRACEPARENT, context.trace.header()),
+                (REQUEST_ID, context.request_id.clone()),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// Ends the span; `error` if its work failed.
+    pub fn finish(
+        self,
+        name: String,
+        kind: SpanKind,
+        attributes: Vec<KeyValue>,
+        error: Option<String>,
+    ) {
+        if let (Some(context), Some(start)) = (&self.context, self.started) {
+            telemetry::export::record(Span {
+                context: &context.trace,
+                remote_parent: false,
+                name: Cow::Owned(name),
+                kind,
+                start,
+                end: SystemTime::now(),
+                attributes,
+                error: error.map(Cow::Owned),
+            });
+        }
+    }
+}
+
+/// Exports the span of a request this service served (started at `start`),
+/// if it is sampled and export is on.
+pub fn record_server_span(
+    trace: &TraceContext,
+    start: SystemTime,
+    method: &str,
+    path: &str,
+    route: &str,
+    status: u16,
+    request_id: &str,
+) {
+    if !trace.sampled() || !telemetry::export::enabled() {
+        return;
+    }
+    telemetry::export::record(Span {
+        context: trace,
+        remote_parent: trace.parent_id.is_some(),
+        name: Cow::Owned(format!("{method} {route}")),
+        kind: SpanKind::Server,
+        start,
+        end: SystemTime::now(),
+        attributes: vec![
+            KeyValue::new("http.request.method", method.to_owned()),
+            KeyValue::new("url.path", path.to_owned()),
+            KeyValue::new("http.route", route.to_owned()),
+            KeyValue::new("http.response.status_code", i64::from(status)),
+            KeyValue::new("request_id", request_id.to_owned()),
+        ],
+        error: (status >= 500).then(|| Cow::Owned(format!("status {status}"))),
+    });
 }
 
 /// A sane request id from the client (1–128 of `[A-Za-z0-9._:-]`), else a

@@ -86,11 +86,7 @@ impl Dependencies {
     /// cannot answer.
     pub async fn check_user(&self, user_id: i64) -> Result<(), AppError> {
         let url = format!("{}/users/{user_id}", self.users_url);
-        let response = self
-            .http
-            .get(&url)
-            .headers(propagation())
-            .send()
+        let response = send(self.http.get(&url), "GET user-service /users/{id}")
             .await
             .map_err(|err| unreachable("User service", &err))?;
         match response.status() {
@@ -118,13 +114,11 @@ impl Dependencies {
             items: items.to_vec(),
         };
         let unknown = |error: AppError, released: bool| Refused::Unknown { error, released };
-        let response = match self
-            .http
-            .post(&url)
-            .headers(propagation())
-            .json(&body)
-            .send()
-            .await
+        let response = match send(
+            self.http.post(&url).json(&body),
+            "POST product-service /reservations",
+        )
+        .await
         {
             Ok(response) => response,
             Err(err) if err.is_connect() => {
@@ -171,13 +165,12 @@ impl Dependencies {
             "{}/reservations/{reservation_id}/confirm",
             self.products_url
         );
-        let response = self
-            .http
-            .post(&url)
-            .headers(propagation())
-            .send()
-            .await
-            .map_err(|err| unreachable("Product service", &err))?;
+        let response = send(
+            self.http.post(&url),
+            "POST product-service /reservations/{id}/confirm",
+        )
+        .await
+        .map_err(|err| unreachable("Product service", &err))?;
         match response.status() {
             s if s.is_success() => Ok(true),
             StatusCode::CONFLICT | StatusCode::NOT_FOUND => Ok(false),
@@ -189,13 +182,12 @@ impl Dependencies {
     /// the id.
     pub async fn reservation(&self, reservation_id: &str) -> Result<Option<Reservation>, AppError> {
         let url = format!("{}/reservations/{reservation_id}", self.products_url);
-        let response = self
-            .http
-            .get(&url)
-            .headers(propagation())
-            .send()
-            .await
-            .map_err(|err| unreachable("Product service", &err))?;
+        let response = send(
+            self.http.get(&url),
+            "GET product-service /reservations/{id}",
+        )
+        .await
+        .map_err(|err| unreachable("Product service", &err))?;
         match response.status() {
             s if s.is_success() => response
                 .json::<Reservation>()
@@ -217,7 +209,11 @@ impl Dependencies {
             self.products_url
         );
         for attempt in 1..=RELEASE_ATTEMPTS {
-            match self.http.post(&url).headers(propagation()).send().await {
+            let call = send(
+                self.http.post(&url),
+                "POST product-service /reservations/{id}/release",
+            );
+            match call.await {
                 Ok(response) if response.status().is_success() => return true,
                 Ok(response) => {
                     tracing::warn!(reservation = reservation_id, status = %response.status(), attempt, "release refused");
@@ -254,15 +250,37 @@ impl Refused {
     }
 }
 
-/// The current request's `traceparent` and `x-request-id`, for a call.
-fn propagation() -> reqwest::header::HeaderMap {
+/// Sends `request` as a client span of the current request (named
+/// `name`): its `traceparent` and the request's `x-request-id` go along.
+async fn send(
+    request: reqwest::RequestBuilder,
+    name: &'static str,
+) -> reqwest::Result<reqwest::Response> {
+    use service_kit::trace::Child;
+    use telemetry::export::{KeyValue, SpanKind};
+    let span = Child::start();
     let mut headers = reqwest::header::HeaderMap::new();
-    for (name, value) in service_kit::trace::outgoing_headers() {
+    for (header, value) in span.headers() {
         if let Ok(value) = reqwest::header::HeaderValue::from_str(&value) {
-            headers.insert(name, value);
+            headers.insert(header, value);
         }
     }
-    headers
+    let response = request.headers(headers).send().await;
+    let (attributes, error) = match &response {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (
+                vec![KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status),
+                )],
+                (status >= 500).then(|| format!("status {status}")),
+            )
+        }
+        Err(err) => (Vec::new(), Some(err.to_string())),
+    };
+    span.finish(name.to_owned(), SpanKind::Client, attributes, error);
+    response
 }
 
 fn unreachable(dependency: &str, err: &reqwest::Error) -> AppError {
