@@ -21,6 +21,8 @@
 //!   on to the services it calls.
 //! - [`testing`]: calling a router in-process from tests.
 
+#[cfg(feature = "contract")]
+pub mod contract;
 pub mod db;
 pub mod error;
 pub mod events;
@@ -28,6 +30,8 @@ pub mod extract;
 pub mod fault;
 pub mod metrics;
 pub mod money;
+pub mod openapi;
+pub mod page;
 pub mod serve;
 pub mod testing;
 pub mod trace;

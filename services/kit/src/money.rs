@@ -92,6 +92,24 @@ impl<'de> Deserialize<'de> for Money {
     }
 }
 
+/// In the API document: a decimal number with at most two decimals.
+impl utoipa::PartialSchema for Money {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Number)
+            .description(Some(
+                "An amount of money: a decimal number with at most two decimals (1299.99)",
+            ))
+            .maximum(Some(MAX_CENTS / 100))
+            .minimum(Some(-(MAX_CENTS / 100)))
+            .examples([serde_json::json!(1299.99)])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Money {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,10 +10,11 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde_json::json;
 use sqlx::SqlitePool;
 use tokio::net::TcpListener;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppError;
 
@@ -38,16 +39,14 @@ pub fn init_tracing(service: &'static str, format: telemetry::log::LogFormat) {
 }
 
 /// Adds what every service router needs: `GET /health` for `service`,
-/// `GET /metrics`, JSON 404/405 answers, the body limit, and per request a
+/// `GET /metrics`, the API document (`GET /openapi.json`) and its page
+/// (`GET /docs`), JSON 404/405 answers, the body limit, and per request a
 /// span with its request id and trace context, its metrics and one log
-/// line.
-pub fn finish_router(router: Router, service: &'static str, pool: SqlitePool) -> Router {
-    let health = Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .with_state(HealthState { service, pool });
+/// line. `routes` carries the service's own document (`openapi`).
+pub fn finish_router(routes: OpenApiRouter, service: &'static str, pool: SqlitePool) -> Router {
+    let (router, api) = document(routes, service, pool);
     router
-        .merge(health)
+        .merge(crate::openapi::docs(api))
         .route_layer(middleware::from_fn(note_route))
         .fallback(|| async { AppError::not_found("Not Found") })
         .method_not_allowed_fallback(|| async {
@@ -57,7 +56,27 @@ pub fn finish_router(router: Router, service: &'static str, pool: SqlitePool) ->
         .layer(middleware::from_fn_with_state(service, observe_request))
 }
 
+/// The service's router and its whole document: its routes, `/health` and
+/// `/metrics`.
+pub fn document(
+    routes: OpenApiRouter,
+    service: &'static str,
+    pool: SqlitePool,
+) -> (Router, utoipa::openapi::OpenApi) {
+    let common = OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics))
+        .with_state(HealthState { service, pool });
+    routes.merge(common).split_for_parts()
+}
+
 /// `GET /metrics`: the service's exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String))
+)]
 async fn metrics() -> Response {
     (
         [(
@@ -90,8 +109,29 @@ struct HealthState {
     pool: SqlitePool,
 }
 
+/// What `/health` answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct HealthBody {
+    pub service: String,
+    /// `healthy` or `unhealthy`.
+    pub status: String,
+    pub version: String,
+    /// Why it is unhealthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// `GET /health`: 200 with the original body while the database answers,
 /// 503 otherwise, so that a gateway health check sees a broken disk.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The service and its database answer", body = HealthBody),
+        (status = 503, description = "The database does not answer", body = HealthBody),
+    )
+)]
 async fn health(State(state): State<HealthState>) -> Response {
     match sqlx::query("SELECT 1").execute(&state.pool).await {
         Ok(_) => axum::Json(json!({

@@ -50,6 +50,57 @@ pub async fn call(
     (status, json)
 }
 
+/// Sends a GET to `app` and returns the status, the headers and the raw
+/// body (for answers that are not JSON, or whose headers matter).
+pub async fn get_raw(app: &Router, uri: &str) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let request = Request::builder()
+        .uri(uri)
+        .body(Body::empty())
+        .expect("valid test request");
+    let response = app
+        .clone()
+        .oneshot(request)
+        .await
+        .expect("router is infallible");
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.expect("body readable").to_bytes();
+    (parts.status, parts.headers, bytes.to_vec())
+}
+
+/// Panics unless `app` serves its documentation page at `/docs/` with
+/// every script and style sheet it names from the service itself.
+pub async fn docs_page_is_self_contained(app: &Router) {
+    let (status, headers, page) = get_raw(app, "/docs/").await;
+    assert_eq!(status, StatusCode::OK, "GET /docs/");
+    assert!(
+        headers[axum::http::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap_or_default()
+            .starts_with("text/html"),
+        "{headers:?}"
+    );
+    let page = String::from_utf8_lossy(&page).into_owned();
+    let mut assets = Vec::new();
+    for attribute in ["src=\"", "href=\""] {
+        for (start, _) in page.match_indices(attribute) {
+            let rest = &page[start + attribute.len()..];
+            let end = rest.find('"').unwrap_or(rest.len());
+            assets.push(rest[..end].to_owned());
+        }
+    }
+    assert!(assets.len() >= 3, "assets named by the page: {assets:?}");
+    for asset in assets {
+        assert!(
+            !asset.contains("//"),
+            "the docs page loads {asset} from another host"
+        );
+        let uri = format!("/docs/{}", asset.trim_start_matches("./"));
+        let (status, _, body) = get_raw(app, &uri).await;
+        assert_eq!(status, StatusCode::OK, "GET {uri}");
+        assert!(!body.is_empty(), "GET {uri} is empty");
+    }
+}
+
 /// A service binary started as a child process on `127.0.0.1:0`; killed when
 /// dropped. Its address is read from the "listening on http://..." line it
 /// logs at start-up, so no port is ever chosen in advance.

@@ -15,18 +15,23 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::response::Response;
 use product_service::api::{ItemRequest, merge_items};
 use serde::{Deserialize, Serialize};
 use service_kit::db::{self, DbError, Migration};
 use service_kit::events::{self, Broker, Relay};
 use service_kit::extract::{Json, Path, Query};
 use service_kit::money::Money;
+use service_kit::openapi::ErrorBody;
+use service_kit::page::Page;
 use service_kit::{AppError, AppResult};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub mod dependencies;
 pub mod saga;
@@ -119,22 +124,35 @@ pub async fn open_db(path: &std::path::Path) -> Result<SqlitePool, DbError> {
     db::open(path, MIGRATIONS).await
 }
 
+/// The service's routes, with the common layers, `/health`, `/metrics`,
+/// `/openapi.json` and `/docs`.
 pub fn app(state: AppState) -> Router {
-    let routes = Router::new()
-        .route("/orders", get(list_orders).post(create_order))
-        .route("/orders/{id}", get(get_order))
-        .route("/orders/{id}/cancel", post(cancel_order))
-        .with_state(state.clone());
-    service_kit::serve::finish_router(routes, SERVICE_NAME, state.db)
+    let db = state.db.clone();
+    let routes = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_orders, create_order))
+        .routes(routes!(get_order))
+        .routes(routes!(cancel_order))
+        .with_state(state);
+    service_kit::serve::finish_router(routes, SERVICE_NAME, db)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "order-service", description = "Places orders (checking the user, reserving stock at product-service), lists and cancels them."),
+    tags((name = "orders", description = "Orders and their saga: pending, then confirmed or failed; cancelling, then cancelled")),
+)]
+struct ApiDoc;
+
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct NewOrder {
     pub user_id: i64,
+    /// 1 to 100 different products (lines for the same product are added
+    /// up), each quantity 1 to 1000000.
+    #[schema(min_items = 1)]
     pub items: Vec<ItemRequest>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OrderItem {
     pub product_id: i64,
     pub quantity: i64,
@@ -142,7 +160,7 @@ pub struct OrderItem {
 }
 
 /// An order's state: see [`saga`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Pending,
@@ -176,7 +194,7 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Order {
     pub id: i64,
     pub user_id: i64,
@@ -184,6 +202,7 @@ pub struct Order {
     pub total: Money,
     pub status: Status,
     /// RFC 3339, UTC.
+    #[schema(format = DateTime)]
     pub created_at: String,
     /// Why a failed order failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -214,6 +233,22 @@ fn validated_items(items: &[ItemRequest]) -> AppResult<Vec<ItemRequest>> {
     Ok(merged)
 }
 
+/// Places an order: checks the user, holds the stock, records the order,
+/// confirms the hold. 201 only once the order is confirmed.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "orders",
+    request_body = NewOrder,
+    responses(
+        (status = 201, description = "Placed and confirmed", body = Order),
+        (status = 400, description = "Malformed JSON, or insufficient stock for a product", body = ErrorBody),
+        (status = 404, description = "No such user, or no such product", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "No items, a quantity out of bounds, too many lines, or a total too large", body = ErrorBody),
+        (status = 503, description = "user-service, product-service or the database unavailable: the order was not placed", body = ErrorBody),
+    )
+)]
 async fn create_order(
     State(state): State<AppState>,
     Json(new_order): Json<NewOrder>,
@@ -233,6 +268,20 @@ async fn create_order(
 /// `POST /orders/{id}/cancel`: 202 while the stock is being released (the
 /// broker carries it), 200 once cancelled; 404 unknown; 409 failed or not
 /// confirmed yet.
+#[utoipa::path(
+    post,
+    path = "/orders/{id}/cancel",
+    tag = "orders",
+    params(("id" = i64, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "Cancelled (or already)", body = Order),
+        (status = 202, description = "Cancelling: the stock is being given back", body = Order),
+        (status = 404, description = "No such order", body = ErrorBody),
+        (status = 409, description = "The order failed, or is not confirmed yet", body = ErrorBody),
+        (status = 422, description = "The id is not an integer", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 async fn cancel_order(
     State(state): State<AppState>,
     Path(id): Path<i64>,
@@ -246,12 +295,21 @@ async fn cancel_order(
     Ok((status, Json(order)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct OrderFilter {
+    /// Only this user's orders.
     pub user_id: Option<i64>,
     /// One state, or `all`; default: the orders their clients were told
     /// were placed (confirmed, cancelling, cancelled).
+    #[param(pattern = "^(pending|confirmed|failed|cancelling|cancelled|all)$")]
     pub status: Option<String>,
+    /// Most items in the answer (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<i64>,
+    /// Only orders whose id is above this one (the previous page's last).
+    #[param(minimum = 0)]
+    pub after_id: Option<i64>,
 }
 
 /// The statuses `status=` selects.
@@ -273,36 +331,61 @@ fn statuses(filter: Option<&str>) -> AppResult<Vec<&'static str>> {
     }
 }
 
+/// Orders, in id order, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/orders",
+    tag = "orders",
+    params(OrderFilter),
+    responses(
+        (status = 200, description = "One page of orders", body = Vec<Order>,
+         headers(("link" = String, description = "`<?...&after_id=N>; rel=\"next\"` when another page may follow (a query-only reference)"))),
+        (status = 422, description = "Bad `status`, `user_id`, `limit` or `after_id`", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 async fn list_orders(
     State(state): State<AppState>,
     Query(filter): Query<OrderFilter>,
-) -> AppResult<Json<Vec<Order>>> {
+    RawQuery(query): RawQuery,
+) -> AppResult<Response> {
+    let page = Page::new(filter.limit, filter.after_id)?;
     let wanted =
         serde_json::to_string(&statuses(filter.status.as_deref())?).map_err(AppError::internal)?;
+    let mut tx = state.db.begin().await?;
     let rows = sqlx::query(
         "SELECT id, user_id, total_cents, status, created_at, failure_reason FROM orders
          WHERE (?1 IS NULL OR user_id = ?1) AND status IN (SELECT value FROM json_each(?2))
-         ORDER BY id",
+           AND id > ?3
+         ORDER BY id LIMIT ?4",
     )
     .bind(filter.user_id)
     .bind(&wanted)
-    .fetch_all(&state.db)
+    .bind(page.after_id)
+    .bind(page.fetch())
+    .fetch_all(&mut *tx)
     .await?;
     let mut orders = rows
         .iter()
         .map(order_from_row)
         .collect::<Result<Vec<_>, _>>()?;
-    // One query for all lines, grouped by order in memory.
+    // One query for the page's lines (same snapshot), grouped by order in
+    // memory.
+    let last = orders.last().map_or(page.after_id, |order| order.id);
     let item_rows = sqlx::query(
         "SELECT oi.order_id, oi.product_id, oi.quantity, oi.price_cents
          FROM order_items oi JOIN orders o ON o.id = oi.order_id
          WHERE (?1 IS NULL OR o.user_id = ?1) AND o.status IN (SELECT value FROM json_each(?2))
+           AND o.id > ?3 AND o.id <= ?4
          ORDER BY oi.order_id, oi.product_id",
     )
     .bind(filter.user_id)
     .bind(&wanted)
-    .fetch_all(&state.db)
+    .bind(page.after_id)
+    .bind(last)
+    .fetch_all(&mut *tx)
     .await?;
+    drop(tx);
     let mut index = 0;
     for row in &item_rows {
         let order_id: i64 = row.try_get("order_id")?;
@@ -314,9 +397,21 @@ async fn list_orders(
             order.items.push(item_from_row(row)?);
         }
     }
-    Ok(Json(orders))
+    Ok(page.answer(orders, |order| order.id, query.as_deref()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    tag = "orders",
+    params(("id" = i64, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "The order, in any state", body = Order),
+        (status = 404, description = "No such order", body = ErrorBody),
+        (status = 422, description = "The id is not an integer", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 async fn get_order(State(state): State<AppState>, Path(id): Path<i64>) -> AppResult<Json<Order>> {
     let mut tx = state.db.begin().await?;
     let order = load_order(&mut tx, id)

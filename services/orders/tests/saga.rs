@@ -208,17 +208,26 @@ impl System {
         product["stock"].as_i64().unwrap()
     }
 
+    /// Every order in `status`, page after page (the list is paginated).
     async fn orders(&self, status: &str) -> Vec<Value> {
-        let (code, orders) = self
-            .send(
-                "GET",
-                self.orders_addr(),
-                &format!("/orders?status={status}"),
-                None,
-            )
-            .await;
-        assert_eq!(code, 200, "{orders}");
-        orders.as_array().unwrap().clone()
+        let mut all: Vec<Value> = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |o| o["id"].as_i64().unwrap());
+            let (code, page) = self
+                .send(
+                    "GET",
+                    self.orders_addr(),
+                    &format!("/orders?status={status}&limit=1000&after_id={after}"),
+                    None,
+                )
+                .await;
+            assert_eq!(code, 200, "{page}");
+            let page = page.as_array().unwrap().clone();
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
     }
 
     /// Units in confirmed orders.
@@ -355,7 +364,13 @@ async fn sigkill_under_load_three_times_leaks_no_stock() {
                 }
             }));
         }
+        // Kill it mid-load: once more than 20 orders went through (at most
+        // 30 s on a starved machine), after at least 1.5 s of load.
         tokio::time::sleep(Duration::from_millis(1500)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while created.load(Ordering::Relaxed) <= 20 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         system.orders.take().unwrap().kill().await.unwrap();
         stop.store(true, Ordering::Relaxed);
         for client in clients {

@@ -4,25 +4,27 @@ use serde::{Deserialize, Serialize};
 use service_kit::money::Money;
 
 /// One line of a reservation request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemRequest {
     pub product_id: i64,
+    #[schema(minimum = 1)]
     pub quantity: i64,
 }
 
 /// `POST /reservations`: hold stock for every item, or for none.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReserveRequest {
     /// Chosen by the caller so that a retried request (or a release sent
     /// because the answer was lost) refers to the same reservation. Letters,
     /// digits, `-` and `_`, at most 64. Generated when absent.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
     pub id: Option<String>,
     pub items: Vec<ItemRequest>,
 }
 
 /// A reserved line, with the unit price at the moment of reservation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReservedItem {
     pub product_id: i64,
     pub quantity: i64,
@@ -32,7 +34,7 @@ pub struct ReservedItem {
 /// A reservation's state: `held` until the order confirms it; `released`
 /// (compensated, or its order cancelled) and `expired` (not confirmed in
 /// time) gave their stock back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReservationStatus {
     Held,
@@ -69,7 +71,7 @@ impl ReservationStatus {
 
 /// Answer of `POST /reservations`, `GET /reservations/{id}` and the
 /// confirm and release endpoints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Reservation {
     pub id: String,
     pub status: ReservationStatus,

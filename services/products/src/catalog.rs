@@ -1,13 +1,17 @@
 //! The catalogue: creating, listing and reading products, and changing stock.
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use service_kit::extract::{Json, Path, Query};
 use service_kit::money::Money;
+use service_kit::openapi::ErrorBody;
+use service_kit::page::Page;
 use service_kit::{AppError, AppResult};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 
@@ -19,7 +23,7 @@ const MAX_NAME_CHARS: usize = 200;
 /// Longest description accepted.
 const MAX_DESCRIPTION_CHARS: usize = 5_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Product {
     pub id: i64,
     pub name: String,
@@ -44,13 +48,18 @@ impl Product {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct NewProduct {
+    #[schema(min_length = 1, max_length = 200, example = "Laptop")]
     pub name: String,
     #[serde(default)]
+    #[schema(max_length = 5000)]
     pub description: Option<String>,
+    /// Not negative.
     pub price: Money,
+    #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub stock: i64,
+    #[schema(min_length = 1, max_length = 200, example = "Electronics")]
     pub category: String,
 }
 
@@ -95,6 +104,20 @@ impl NewProduct {
     }
 }
 
+/// Adds a product to the catalogue.
+#[utoipa::path(
+    post,
+    path = "/products",
+    tag = "products",
+    request_body = NewProduct,
+    responses(
+        (status = 201, description = "Created", body = Product),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "A field is missing, of the wrong type or out of bounds", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn create_product(
     State(state): State<AppState>,
     Json(new_product): Json<NewProduct>,
@@ -114,41 +137,68 @@ pub async fn create_product(
     Ok((StatusCode::CREATED, Json(Product::from_row(&row)?)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListFilter {
     /// Only products of this category, compared case-insensitively.
     pub category: Option<String>,
+    /// Most items in the answer (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<i64>,
+    /// Only products whose id is above this one (the previous page's last).
+    #[param(minimum = 0)]
+    pub after_id: Option<i64>,
 }
 
+/// The catalogue, in id order, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/products",
+    tag = "products",
+    params(ListFilter),
+    responses(
+        (status = 200, description = "One page of products", body = Vec<Product>,
+         headers(("link" = String, description = "`<?...&after_id=N>; rel=\"next\"` when another page may follow (a query-only reference)"))),
+        (status = 422, description = "`limit` or `after_id` out of bounds", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn list_products(
     State(state): State<AppState>,
     Query(filter): Query<ListFilter>,
-) -> AppResult<Json<Vec<Product>>> {
-    let rows = match filter.category {
-        Some(category) => {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {PRODUCT_COLUMNS} FROM products
-                 WHERE category = ? COLLATE NOCASE ORDER BY id"
-            )))
-            .bind(category.trim().to_owned())
-            .fetch_all(&state.db)
-            .await?
-        }
-        None => {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {PRODUCT_COLUMNS} FROM products ORDER BY id"
-            )))
-            .fetch_all(&state.db)
-            .await?
-        }
-    };
+    RawQuery(query): RawQuery,
+) -> AppResult<Response> {
+    let page = Page::new(filter.limit, filter.after_id)?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products
+         WHERE (?1 IS NULL OR category = ?1 COLLATE NOCASE) AND id > ?2
+         ORDER BY id LIMIT ?3"
+    )))
+    .bind(filter.category.map(|c| c.trim().to_owned()))
+    .bind(page.after_id)
+    .bind(page.fetch())
+    .fetch_all(&state.db)
+    .await?;
     let products = rows
         .iter()
         .map(Product::from_row)
-        .collect::<Result<_, _>>()?;
-    Ok(Json(products))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(page.answer(products, |product| product.id, query.as_deref()))
 }
 
+/// One product.
+#[utoipa::path(
+    get,
+    path = "/products/{id}",
+    tag = "products",
+    params(("id" = i64, Path, description = "The product's id")),
+    responses(
+        (status = 200, description = "The product", body = Product),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 422, description = "The id is not an integer", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn get_product(
     State(state): State<AppState>,
     Path(id): Path<i64>,
@@ -163,12 +213,15 @@ pub async fn get_product(
     Ok(Json(Product::from_row(&row)?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StockChange {
+    /// Added to the stock; negative to take some away.
+    #[param(minimum = -1_000_000_000, maximum = 1_000_000_000)]
     pub stock_change: i64,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct StockChanged {
     pub product_id: i64,
     pub new_stock: i64,
@@ -177,6 +230,19 @@ pub struct StockChanged {
 /// `PUT /products/{id}/stock?stock_change=N`: adds N (may be negative) in one
 /// conditional statement, so concurrent changes never lose an update and
 /// stock never goes below zero.
+#[utoipa::path(
+    put,
+    path = "/products/{id}/stock",
+    tag = "products",
+    params(("id" = i64, Path, description = "The product's id"), StockChange),
+    responses(
+        (status = 200, description = "The new stock", body = StockChanged),
+        (status = 400, description = "Insufficient stock", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 422, description = "`stock_change` missing or out of bounds, or the stock would exceed 1000000000", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn change_stock(
     State(state): State<AppState>,
     Path(id): Path<i64>,

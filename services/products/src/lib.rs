@@ -18,10 +18,12 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post, put};
 use service_kit::db::{self, DbError, Migration};
 use service_kit::events::{self, Broker, Relay};
 use sqlx::SqlitePool;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub mod api;
 pub mod catalog;
@@ -102,19 +104,28 @@ pub async fn open_db(path: &std::path::Path) -> Result<SqlitePool, DbError> {
     db::open(path, MIGRATIONS).await
 }
 
-/// The service's routes, with the common layers and `/health`.
+/// The service's routes, with the common layers, `/health`, `/metrics`,
+/// `/openapi.json` and `/docs`.
 pub fn app(state: AppState) -> Router {
-    let routes = Router::new()
-        .route(
-            "/products",
-            get(catalog::list_products).post(catalog::create_product),
-        )
-        .route("/products/{id}", get(catalog::get_product))
-        .route("/products/{id}/stock", put(catalog::change_stock))
-        .route("/reservations", post(reservations::reserve))
-        .route("/reservations/{id}", get(reservations::get))
-        .route("/reservations/{id}/confirm", post(reservations::confirm))
-        .route("/reservations/{id}/release", post(reservations::release))
-        .with_state(state.clone());
-    service_kit::serve::finish_router(routes, SERVICE_NAME, state.db)
+    let db = state.db.clone();
+    let routes = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(catalog::list_products, catalog::create_product))
+        .routes(routes!(catalog::get_product))
+        .routes(routes!(catalog::change_stock))
+        .routes(routes!(reservations::reserve))
+        .routes(routes!(reservations::get))
+        .routes(routes!(reservations::confirm))
+        .routes(routes!(reservations::release))
+        .with_state(state);
+    service_kit::serve::finish_router(routes, SERVICE_NAME, db)
 }
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "product-service", description = "The catalogue, stock, and stock reservations."),
+    tags(
+        (name = "products", description = "The catalogue and its stock"),
+        (name = "reservations", description = "All-or-nothing holds of stock, used by order-service"),
+    ),
+)]
+struct ApiDoc;

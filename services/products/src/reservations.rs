@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use service_kit::events;
 use service_kit::extract::{Json, Path};
 use service_kit::money::Money;
+use service_kit::openapi::ErrorBody;
 use service_kit::{AppError, AppResult};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
@@ -83,6 +84,22 @@ fn items_json(items: &[ReservedItem]) -> Value {
 /// `Product N not found`; 400 `Insufficient stock for product N`; 409 if the
 /// id was already released or expired. Nothing is held unless everything
 /// is; the hold expires after the service's hold time unless confirmed.
+#[utoipa::path(
+    post,
+    path = "/reservations",
+    tag = "reservations",
+    request_body = ReserveRequest,
+    responses(
+        (status = 201, description = "Held", body = Reservation),
+        (status = 200, description = "Already held under this id (a retry)", body = Reservation),
+        (status = 400, description = "Malformed JSON, or insufficient stock for a product", body = ErrorBody),
+        (status = 404, description = "A product does not exist", body = ErrorBody),
+        (status = 409, description = "The id was already released or expired", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "Bad id, no items, or a quantity out of bounds", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn reserve(
     State(state): State<AppState>,
     Json(request): Json<ReserveRequest>,
@@ -207,6 +224,19 @@ pub async fn reserve(
 
 /// `GET /reservations/{id}`: the reservation and its state; 404 if the id
 /// was never seen.
+/// The reservation as it stands.
+#[utoipa::path(
+    get,
+    path = "/reservations/{id}",
+    tag = "reservations",
+    params(("id" = String, Path, description = "The reservation id (1 to 64 letters, digits, `-`, `_`)")),
+    responses(
+        (status = 200, description = "The reservation", body = Reservation),
+        (status = 404, description = "Never seen", body = ErrorBody),
+        (status = 422, description = "Bad id", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -224,6 +254,20 @@ pub async fn get(
 /// `POST /reservations/{id}/confirm`: the order is placed; the hold no
 /// longer expires. Idempotent. 409 if it was released or expired first;
 /// 404 if unknown.
+/// The order is placed: the held stock is taken for good (idempotent).
+#[utoipa::path(
+    post,
+    path = "/reservations/{id}/confirm",
+    tag = "reservations",
+    params(("id" = String, Path, description = "The reservation id (1 to 64 letters, digits, `-`, `_`)")),
+    responses(
+        (status = 200, description = "Confirmed", body = Reservation),
+        (status = 404, description = "Never seen", body = ErrorBody),
+        (status = 409, description = "Already released or expired", body = ErrorBody),
+        (status = 422, description = "Bad id", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn confirm(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -263,6 +307,19 @@ pub async fn confirm(
 /// `POST /reservations/{id}/release`: gives the stock back, once (from
 /// `held` or `confirmed`). Idempotent: releasing again, or releasing an id
 /// never reserved, is a 200 that changes no stock.
+/// Gives the stock back (idempotent; an unknown id is remembered as
+/// released, so that a late reserve with it is refused).
+#[utoipa::path(
+    post,
+    path = "/reservations/{id}/release",
+    tag = "reservations",
+    params(("id" = String, Path, description = "The reservation id (1 to 64 letters, digits, `-`, `_`)")),
+    responses(
+        (status = 200, description = "Released (or already not holding stock)", body = Reservation),
+        (status = 422, description = "Bad id", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 pub async fn release(
     State(state): State<AppState>,
     Path(id): Path<String>,

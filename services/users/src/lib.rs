@@ -4,15 +4,21 @@
 //! in the service's own SQLite file; see `migrations/`.
 
 use axum::Router;
+use axum::extract::RawQuery;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use service_kit::db::{self, DbError, Migration};
-use service_kit::extract::{Json, Path};
+use service_kit::extract::{Json, Path, Query};
+use service_kit::openapi::{ErrorBody, PageParams};
+use service_kit::page::Page;
 use service_kit::{AppError, AppResult};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqlitePool};
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub const SERVICE_NAME: &str = "user-service";
 
@@ -39,23 +45,40 @@ pub async fn open_db(path: &std::path::Path) -> Result<SqlitePool, DbError> {
     db::open(path, MIGRATIONS).await
 }
 
-/// The service's routes, with the common layers and `/health`.
+/// The service's routes, with the common layers, `/health`, `/metrics`,
+/// `/openapi.json` and `/docs`.
 pub fn app(state: AppState) -> Router {
-    let routes = Router::new()
-        .route("/users", get(list_users).post(create_user))
-        .route("/users/{id}", get(get_user))
-        .with_state(state.clone());
-    service_kit::serve::finish_router(routes, SERVICE_NAME, state.db)
+    let db = state.db.clone();
+    service_kit::serve::finish_router(routes(state), SERVICE_NAME, db)
 }
 
-#[derive(Debug, Deserialize)]
+/// The service's own routes and their document.
+fn routes(state: AppState) -> OpenApiRouter {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_users, create_user))
+        .routes(routes!(get_user))
+        .with_state(state)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "user-service", description = "Registers users and looks them up."),
+    tags((name = "users", description = "User accounts")),
+)]
+struct ApiDoc;
+
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct NewUser {
+    /// Letters, digits, `_`, `-` and `.` (surrounding spaces are trimmed).
+    #[schema(min_length = 1, max_length = 50, example = "john_doe")]
     pub username: String,
+    #[schema(max_length = 254, example = "john@example.com")]
     pub email: String,
+    #[schema(min_length = 1, max_length = 200, example = "John Doe")]
     pub full_name: String,
 }
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct User {
     pub id: i64,
     pub username: String,
@@ -126,6 +149,21 @@ fn is_plausible_email(email: &str) -> bool {
         && domain.split('.').all(|label| !label.is_empty())
 }
 
+/// Registers a user.
+#[utoipa::path(
+    post,
+    path = "/users",
+    tag = "users",
+    request_body = NewUser,
+    responses(
+        (status = 201, description = "Registered", body = User),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 409, description = "Username or email already exists", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 422, description = "A field is missing, of the wrong type or out of bounds", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 async fn create_user(
     State(state): State<AppState>,
     Json(new_user): Json<NewUser>,
@@ -154,16 +192,52 @@ async fn create_user(
     }
 }
 
-async fn list_users(State(state): State<AppState>) -> AppResult<Json<Vec<User>>> {
+/// The users, in id order, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/users",
+    tag = "users",
+    params(PageParams),
+    responses(
+        (status = 200, description = "One page of users", body = Vec<User>,
+         headers(("link" = String, description = "`<?...&after_id=N>; rel=\"next\"` when another page may follow (a query-only reference)"))),
+        (status = 422, description = "`limit` or `after_id` out of bounds", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+async fn list_users(
+    State(state): State<AppState>,
+    Query(list): Query<PageParams>,
+    RawQuery(query): RawQuery,
+) -> AppResult<Response> {
+    let page = Page::new(list.limit, list.after_id)?;
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_COLUMNS} FROM users ORDER BY id"
+        "SELECT {USER_COLUMNS} FROM users WHERE id > ? ORDER BY id LIMIT ?"
     )))
+    .bind(page.after_id)
+    .bind(page.fetch())
     .fetch_all(&state.db)
     .await?;
-    let users = rows.iter().map(User::from_row).collect::<Result<_, _>>()?;
-    Ok(Json(users))
+    let users = rows
+        .iter()
+        .map(User::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(page.answer(users, |user| user.id, query.as_deref()))
 }
 
+/// One user.
+#[utoipa::path(
+    get,
+    path = "/users/{id}",
+    tag = "users",
+    params(("id" = i64, Path, description = "The user's id")),
+    responses(
+        (status = 200, description = "The user", body = User),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 422, description = "The id is not an integer", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
 async fn get_user(State(state): State<AppState>, Path(id): Path<i64>) -> AppResult<Json<User>> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {USER_COLUMNS} FROM users WHERE id = ?"
