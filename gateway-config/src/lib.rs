@@ -32,6 +32,12 @@ pub mod defaults {
     use std::time::Duration;
     /// The services' health endpoint, as in the original stack.
     pub const HEALTH_PATH: &str = "/health";
+    /// The merged API document, its page, the services' documents, and
+    /// how often those are fetched.
+    pub const API_DOCS_PATH: &str = "/openapi.json";
+    pub const API_DOCS_PAGE: &str = "/docs";
+    pub const API_DOCS_SOURCE: &str = "/openapi.json";
+    pub const API_DOCS_REFRESH: Duration = Duration::from_secs(30);
     /// Frequent enough that a dead instance leaves rotation within a few
     /// seconds (interval × unhealthy_threshold), cheap enough to not matter.
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -122,6 +128,8 @@ pub struct Config {
     pub dns_refresh: Duration,
     /// Requests are counted for `/metrics`.
     pub metrics: bool,
+    /// The merged API document and its page; `None`: off.
+    pub api_docs: Option<ApiDocs>,
     /// Sorted by name.
     pub services: Vec<ServiceConfig>,
     /// In file order; lookup is by longest prefix, not by order.
@@ -132,6 +140,19 @@ impl Config {
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
     }
+}
+
+/// `api_docs`: one OpenAPI document for the API as clients see it, made
+/// from every routed service's own document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiDocs {
+    /// The merged document, on the public listener.
+    pub path: String,
+    /// The documentation page (and its assets below it).
+    pub docs_path: String,
+    /// Each service's document, on its instances.
+    pub source: String,
+    pub refresh: Duration,
 }
 
 /// Client-side limits.

@@ -53,8 +53,31 @@ pub struct RawConfig {
     /// Whether requests are counted for `/metrics` (default true).
     #[serde(default)]
     pub metrics: Option<bool>,
+    /// The merged API document and its page on the public listener.
+    #[serde(default)]
+    pub api_docs: Option<Spanned<RawApiDocs>>,
     pub services: Spanned<BTreeMap<String, RawService>>,
     pub routes: Spanned<Vec<RawRoute>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiDocs {
+    /// Default true.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Where the gateway serves the merged document (`/openapi.json`).
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    /// Where it serves the documentation page (`/docs`).
+    #[serde(default)]
+    pub docs_path: Option<Spanned<String>>,
+    /// Where each service serves its own document (`/openapi.json`).
+    #[serde(default)]
+    pub source: Option<Spanned<String>>,
+    /// How often the services' documents are fetched again (`30s`).
+    #[serde(default)]
+    pub refresh: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Deserialize)]

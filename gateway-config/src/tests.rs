@@ -430,3 +430,56 @@ routes:
 fn errors_of(text: &str) -> Vec<ConfigError> {
     load_beside(text, &[]).unwrap_err().errors
 }
+
+#[test]
+fn api_docs_are_on_by_default_configurable_and_reserve_their_paths() {
+    let config = parse(GOOD, "good.yaml").unwrap();
+    assert_eq!(
+        config.api_docs,
+        Some(ApiDocs {
+            path: "/openapi.json".into(),
+            docs_path: "/docs".into(),
+            source: "/openapi.json".into(),
+            refresh: Duration::from_secs(30),
+        })
+    );
+    let off = format!("api_docs: {{ enabled: false }}\n{GOOD}");
+    assert_eq!(parse(&off, "off.yaml").unwrap().api_docs, None);
+    let moved = format!(
+        "api_docs: {{ path: /api/openapi.json, docs_path: /api-docs, refresh: 5s }}\n{GOOD}"
+    );
+    let docs = parse(&moved, "moved.yaml").unwrap().api_docs.unwrap();
+    assert_eq!(
+        (docs.path.as_str(), docs.docs_path.as_str()),
+        ("/api/openapi.json", "/api-docs")
+    );
+
+    // A route may not take the paths; with the docs off it may.
+    let taken = GOOD.replace(
+        "prefix: /api/users, service: user-service, strip_prefix: /api",
+        "prefix: /docs, service: user-service",
+    );
+    let problems = errors(&taken);
+    assert!(
+        problems
+            .iter()
+            .any(|e| e.message.contains("\"/docs\"") && e.message.contains("answers itself")),
+        "{problems:?}"
+    );
+    assert!(
+        parse(
+            &format!("api_docs: {{ enabled: false }}\n{taken}"),
+            "x.yaml"
+        )
+        .is_ok()
+    );
+    for bad in [
+        "api_docs: { path: openapi.json }",
+        "api_docs: { docs_path: /health }",
+        "api_docs: { refresh: 10ms }",
+        "api_docs: { docs_path: /d, path: /d/openapi.json }",
+        "api_docs: { nonsense: 1 }",
+    ] {
+        assert!(!errors(&format!("{bad}\n{GOOD}")).is_empty(), "{bad}");
+    }
+}

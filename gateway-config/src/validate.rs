@@ -7,13 +7,15 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::ApiDocs;
+
 use ipnet::IpNet;
 
 use serde_saphyr::Spanned;
 
 use super::raw::{
-    AllUnhealthy, HumanDuration, LoadBalancing, RawConfig, RawHealthCheck, RawRoute, RawService,
-    RawTimeouts,
+    AllUnhealthy, HumanDuration, LoadBalancing, RawApiDocs, RawConfig, RawHealthCheck, RawRoute,
+    RawService, RawTimeouts,
 };
 use super::{
     Config, ConfigError, CustomPlugins, Downstream, HealthSettings, OutlierSettings, RouteConfig,
@@ -96,6 +98,16 @@ pub(super) fn validate(
         Some(refresh) => refresh.value.0,
         None => defaults::DNS_REFRESH,
     };
+    let api_docs = api_docs(raw.api_docs.as_ref(), &mut problems);
+    let reserved: Vec<&str> = RESERVED_PATHS
+        .iter()
+        .copied()
+        .chain(
+            api_docs
+                .iter()
+                .flat_map(|docs| [docs.path.as_str(), docs.docs_path.as_str()]),
+        )
+        .collect();
     let base_health = health_settings(&raw.health_check, None, &mut problems);
     if raw.services.value.is_empty() {
         problems.at(&raw.services, "at least one service is required");
@@ -111,6 +123,7 @@ pub(super) fn validate(
         &raw.services.value,
         custom,
         base_dir,
+        &reserved,
         &mut problems,
     );
 
@@ -131,8 +144,62 @@ pub(super) fn validate(
         shutdown_grace,
         dns_refresh,
         metrics: raw.metrics.unwrap_or(true),
+        api_docs,
         services,
         routes,
+    })
+}
+
+/// `api_docs`, on unless `enabled: false`.
+fn api_docs(raw: Option<&Spanned<RawApiDocs>>, problems: &mut Problems) -> Option<ApiDocs> {
+    let default = RawApiDocs::default();
+    let docs = raw.map_or(&default, |r| &r.value);
+    if docs.enabled == Some(false) {
+        return None;
+    }
+    let mut path = |value: &Option<Spanned<String>>, default: &str, what: &str| match value {
+        Some(path) => {
+            let text = &path.value;
+            if !text.starts_with('/')
+                || text.len() < 2
+                || text.ends_with('/')
+                || text.contains(['?', '#', ' '])
+            {
+                problems.at(
+                    path,
+                    format!("api_docs.{what} {text:?} must be a path like {default}"),
+                );
+            } else if RESERVED_PATHS.contains(&text.as_str()) {
+                problems.at(
+                    path,
+                    format!("api_docs.{what} {text:?} is taken by the gateway"),
+                );
+            }
+            text.clone()
+        }
+        None => default.to_owned(),
+    };
+    let docs_path = path(&docs.docs_path, defaults::API_DOCS_PAGE, "docs_path");
+    let document = path(&docs.path, defaults::API_DOCS_PATH, "path");
+    let source = path(&docs.source, defaults::API_DOCS_SOURCE, "source");
+    if segment_prefix_of(&docs_path, &document)
+        && let Some(place) = docs.path.as_ref().or(docs.docs_path.as_ref())
+    {
+        problems.at(place, "api_docs.path must not be under api_docs.docs_path");
+    }
+    let refresh = match &docs.refresh {
+        Some(refresh) if refresh.value.0 < Duration::from_secs(1) => {
+            problems.at(refresh, "api_docs.refresh must be at least 1s");
+            refresh.value.0
+        }
+        Some(refresh) => refresh.value.0,
+        None => defaults::API_DOCS_REFRESH,
+    };
+    Some(ApiDocs {
+        path: document,
+        docs_path,
+        source,
+        refresh,
     })
 }
 
@@ -512,6 +579,7 @@ fn routes(
     services: &BTreeMap<String, RawService>,
     custom: &dyn CustomPlugins,
     base_dir: &Path,
+    reserved: &[&str],
     problems: &mut Problems,
 ) -> Vec<RouteConfig> {
     let mut seen: HashMap<&str, u64> = HashMap::new();
@@ -520,13 +588,13 @@ fn routes(
         let prefix = &route.prefix.value;
         if let Some(why) = path_prefix_problem(prefix) {
             problems.at(&route.prefix, format!("route prefix {prefix:?} {why}"));
-        } else if RESERVED_PATHS
+        } else if reserved
             .iter()
             .any(|reserved| segment_prefix_of(prefix, reserved) && prefix != "/")
         {
             problems.at(
                 &route.prefix,
-                format!("route prefix {prefix:?} would take {RESERVED_PATHS:?}, which the gateway answers itself"),
+                format!("route prefix {prefix:?} would take {reserved:?}, which the gateway answers itself"),
             );
         }
         if let Some(first_line) = seen.insert(prefix.as_str(), route.prefix.referenced.line()) {

@@ -13,6 +13,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::services::background::background_service;
 
 use crate::config::{self, Config};
+use crate::control::api_docs::ApiDocs;
 use crate::control::discovery::FileSources;
 use crate::control::{ControlPlane, admin, shutdown};
 use crate::engine::listener::GuardedProxy;
@@ -101,11 +102,14 @@ pub fn run(path: &Path, upgrade: bool, plugins: PluginRegistry) -> ExitCode {
     } else {
         CpuPlan::none()
     };
+    let docs = ApiDocs::new();
+    docs.spawn(control.handle(), Arc::clone(&current));
     let workers = Workers::new(
         (0..layout.workers)
             .map(|_| Gateway {
                 current: Arc::clone(&current),
                 upstreams: Arc::new(UpstreamPool::new(options.clone())),
+                docs: Arc::clone(&docs),
             })
             .collect(),
         cpus,

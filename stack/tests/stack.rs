@@ -299,6 +299,116 @@ routes:
         );
     }
 
+    // The gateway's merged API document: every service's paths as clients
+    // reach them, their schemas under the service's name.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let document: Value = loop {
+        let document: Value = http
+            .get(url("/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let services = &document["x-gateway-services"];
+        let all = ["user-service", "product-service", "order-service"]
+            .iter()
+            .all(|s| services[s]["available"] == true);
+        if all || std::time::Instant::now() > deadline {
+            break document;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(document["openapi"], "3.1.0");
+    let paths: Vec<&str> = document["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for wanted in [
+        "/api/users",
+        "/api/users/{id}",
+        "/api/products",
+        "/api/products/{id}/stock",
+        "/api/orders",
+        "/api/orders/{id}/cancel",
+    ] {
+        assert!(paths.contains(&wanted), "{wanted} not in {paths:?}");
+    }
+    assert!(
+        !paths
+            .iter()
+            .any(|p| *p == "/health" || p.starts_with("/users")),
+        "paths no route reaches are left out: {paths:?}"
+    );
+    assert_eq!(
+        document["paths"]["/api/users/{id}"]["get"]["responses"]["200"]["content"]["application/json"]
+            ["schema"]["$ref"],
+        "#/components/schemas/user-service.User"
+    );
+    // Every reference resolves, and every schema is valid JSON Schema
+    // 2020-12 (OpenAPI 3.1's dialect).
+    let text = document.to_string();
+    let components = &document["components"]["schemas"];
+    for (start, _) in text.match_indices("\"#/components/schemas/") {
+        let name = &text[start + 22..];
+        let name = &name[..name.find('"').unwrap()];
+        assert!(components[name].is_object(), "dangling $ref to {name}");
+    }
+    for (name, schema) in components.as_object().unwrap() {
+        let mut root = schema.clone();
+        root["components"] = document["components"].clone();
+        assert!(
+            jsonschema::draft202012::meta::is_valid(schema),
+            "{name} is not JSON Schema 2020-12"
+        );
+        jsonschema::draft202012::new(&root).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    // The page, offline: everything from the gateway itself.
+    let no_redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let moved = no_redirect.get(url("/docs")).send().await.unwrap();
+    assert_eq!(moved.status(), 301);
+    assert_eq!(moved.headers()["location"], "/docs/");
+    let page = http.get(url("/docs/")).send().await.unwrap();
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = page.text().await.unwrap();
+    for asset in [
+        "swagger-ui-bundle.js",
+        "swagger-ui.css",
+        "swagger-initializer.js",
+    ] {
+        assert!(page.contains(asset), "{asset} not on the page");
+        let response = http
+            .get(url(&format!("/docs/{asset}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{asset}");
+    }
+    let initializer = http
+        .get(url("/docs/swagger-initializer.js"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(initializer.contains("\"/openapi.json\""), "{initializer}");
+    assert!(
+        !page.contains("//unpkg") && !page.contains("https://"),
+        "no other host"
+    );
+
     let health: Value = http
         .get(url("/health"))
         .send()

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::policy::plugins::PluginRegistry;
 
 pub mod admin;
+pub mod api_docs;
 pub mod discovery;
 pub mod health;
 pub mod reload;

@@ -60,7 +60,7 @@ pub fn route<'s>(
     ctx: &mut RequestCtx<'s>,
 ) -> Result<Admitted<'s>, Failure> {
     let path = request.uri.path();
-    if let Some(endpoint) = Endpoint::at(path) {
+    if let Some(endpoint) = Endpoint::at(path, &ctx.snapshot.config) {
         return Ok(Admitted::Endpoint(endpoint));
     }
     let route = ctx

@@ -1,5 +1,6 @@
 //! The gateway's own endpoints on the public listener, compatible with the
-//! original Python gateway: `GET /health` and `GET /services`.
+//! original Python gateway: `GET /health` and `GET /services`; and the
+//! merged API document and its page (`api_docs`, `control::api_docs`).
 
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -11,23 +12,36 @@ use crate::control::snapshot::Snapshot;
 pub enum Endpoint {
     Health,
     Services,
+    /// `api_docs.path`.
+    ApiDocument,
+    /// `api_docs.docs_path` and the page's files below it.
+    ApiPage,
 }
 
 impl Endpoint {
-    /// The endpoint at exactly `path`, if any (routes may not take these
-    /// paths: validation refuses it).
-    pub fn at(path: &str) -> Option<Endpoint> {
+    /// The endpoint at `path`, if any (routes may not take these paths:
+    /// validation refuses it).
+    pub fn at(path: &str, config: &gateway_config::Config) -> Option<Endpoint> {
         match path {
-            "/health" => Some(Endpoint::Health),
-            "/services" => Some(Endpoint::Services),
-            _ => None,
+            "/health" => return Some(Endpoint::Health),
+            "/services" => return Some(Endpoint::Services),
+            _ => {}
+        }
+        let docs = config.api_docs.as_ref()?;
+        if path == docs.path {
+            Some(Endpoint::ApiDocument)
+        } else if gateway_config::segment_prefix_of(&docs.docs_path, path) {
+            Some(Endpoint::ApiPage)
+        } else {
+            None
         }
     }
 
+    /// The JSON body of `/health` or `/services`.
     pub fn body(self, snapshot: &Snapshot) -> Bytes {
         let value = match self {
             Endpoint::Health => health(snapshot),
-            Endpoint::Services => services(snapshot),
+            _ => services(snapshot),
         };
         Bytes::from(value.to_string())
     }

@@ -307,7 +307,11 @@ fn answer_header(
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
     header.insert_header(REQUEST_ID, request_id.header())?;
     for (name, value) in extra {
-        header.append_header(name.clone(), value.clone())?;
+        if name == http::header::CONTENT_TYPE {
+            header.insert_header(name.clone(), value.clone())?;
+        } else {
+            header.append_header(name.clone(), value.clone())?;
+        }
     }
     Ok(header)
 }

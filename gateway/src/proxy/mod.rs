@@ -38,6 +38,7 @@ pub mod ctx;
 pub mod endpoints;
 pub mod exchange;
 
+use crate::control::api_docs::ApiDocs;
 use crate::control::snapshot::{CurrentSnapshot, Route};
 use crate::engine::upstream_pool::UpstreamPool;
 use crate::errors::{Failure, GatewayError};
@@ -46,7 +47,9 @@ use crate::policy::forwarding;
 use crate::policy::plugins::Stop;
 use crate::tracing_export;
 use admit::Admitted;
+use bytes::Bytes;
 use ctx::{Client, RequestCtx};
+use endpoints::Endpoint;
 use telemetry::trace::TRACEPARENT;
 
 /// Keep-alive of a new client connection, in seconds (Pingora's default).
@@ -58,6 +61,8 @@ pub struct Gateway {
     pub current: Arc<CurrentSnapshot>,
     /// Upstream connections: new, and kept alive per instance.
     pub upstreams: Arc<UpstreamPool>,
+    /// The merged API document (`api_docs`).
+    pub docs: Arc<ApiDocs>,
 }
 
 /// What is left to do with the client connection after a request.
@@ -213,17 +218,59 @@ impl Gateway {
         admit::edge_checks(session, ctx)?;
         let route = match admit::route(session.req_header(), ctx)? {
             Admitted::Route(route) => route,
-            Admitted::Endpoint(endpoint) => {
-                let body = endpoint.body(ctx.snapshot);
-                return exchange::answer_with(session, ctx, http::StatusCode::OK, body, &[])
-                    .await
-                    .map_err(|e| Failure::proxying(e, "gateway", None));
-            }
+            Admitted::Endpoint(endpoint) => return self.endpoint(session, ctx, endpoint).await,
         };
         admit::declared_body(session.req_header(), route)?;
         request_hooks(session, ctx, route).await?;
         admit::ready(route)?;
         self.forward(session, ctx, route).await
+    }
+}
+
+impl Gateway {
+    /// Answers one of the gateway's own endpoints.
+    async fn endpoint(
+        &self,
+        session: &mut ServerSession,
+        ctx: &mut RequestCtx<'_>,
+        endpoint: Endpoint,
+    ) -> Result<(), Failure> {
+        use http::header::{CONTENT_TYPE, LOCATION};
+        let mut status = http::StatusCode::OK;
+        let mut extra = Vec::new();
+        let body = match endpoint {
+            Endpoint::Health | Endpoint::Services => endpoint.body(ctx.snapshot),
+            Endpoint::ApiDocument => self.docs.document(ctx.snapshot).await,
+            Endpoint::ApiPage => {
+                let Some(settings) = &ctx.snapshot.config.api_docs else {
+                    return Err(Failure::answer(GatewayError::NoRoute));
+                };
+                let path = session.req_header().uri.path();
+                match path.strip_prefix(settings.docs_path.as_str()) {
+                    // The page's files are named relative to it.
+                    Some("") => {
+                        status = http::StatusCode::MOVED_PERMANENTLY;
+                        let location = format!("{}/", settings.docs_path);
+                        if let Ok(value) = http::HeaderValue::try_from(location) {
+                            extra.push((LOCATION, value));
+                        }
+                        Bytes::new()
+                    }
+                    Some(tail) => {
+                        let (bytes, content_type) = ApiDocs::page_file(tail, &settings.path)
+                            .ok_or(Failure::answer(GatewayError::NoRoute))?;
+                        if let Ok(value) = http::HeaderValue::try_from(content_type) {
+                            extra.push((CONTENT_TYPE, value));
+                        }
+                        bytes
+                    }
+                    None => return Err(Failure::answer(GatewayError::NoRoute)),
+                }
+            }
+        };
+        exchange::answer_with(session, ctx, status, body, &extra)
+            .await
+            .map_err(|e| Failure::proxying(e, "gateway", None))
     }
 }
 
