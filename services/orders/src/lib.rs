@@ -148,8 +148,18 @@ pub struct NewOrder {
     pub user_id: i64,
     /// 1 to 100 different products (lines for the same product are added
     /// up), each quantity 1 to 1000000.
-    #[schema(min_items = 1)]
+    #[schema(min_items = 1, value_type = Vec<OrderLine>)]
     pub items: Vec<ItemRequest>,
+}
+
+/// A line of a new order, as the document shows it: product-service's
+/// `ItemRequest` with this service's quantity limit.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Only its schema is used.
+struct OrderLine {
+    product_id: i64,
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    quantity: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

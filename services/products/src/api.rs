@@ -7,7 +7,7 @@ use service_kit::money::Money;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemRequest {
     pub product_id: i64,
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub quantity: i64,
 }
 
@@ -20,6 +20,8 @@ pub struct ReserveRequest {
     #[serde(default)]
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
     pub id: Option<String>,
+    /// 1 to 100 different products (lines for the same one are added up).
+    #[schema(min_items = 1)]
     pub items: Vec<ItemRequest>,
 }
 

@@ -55,7 +55,8 @@ pub struct NewProduct {
     #[serde(default)]
     #[schema(max_length = 5000)]
     pub description: Option<String>,
-    /// Not negative.
+    /// Not negative; at most two decimals.
+    #[schema(value_type = f64, minimum = 0, maximum = 10_000_000_000_i64)]
     pub price: Money,
     #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub stock: i64,

@@ -229,7 +229,7 @@ pub async fn reserve(
     get,
     path = "/reservations/{id}",
     tag = "reservations",
-    params(("id" = String, Path, description = "The reservation id (1 to 64 letters, digits, `-`, `_`)")),
+    params(("id" = String, Path, description = "The reservation id", pattern = r"^[A-Za-z0-9_-]{1,64}$")),
     responses(
         (status = 200, description = "The reservation", body = Reservation),
         (status = 404, description = "Never seen", body = ErrorBody),
@@ -259,7 +259,7 @@ pub async fn get(
     post,
     path = "/reservations/{id}/confirm",
     tag = "reservations",
-    params(("id" = String, Path, description = "The reservation id (1 to 64 letters, digits, `-`, `_`)")),
+    params(("id" = String, Path, description = "The reservation id", pattern = r"^[A-Za-z0-9_-]{1,64}$")),
     responses(
         (status = 200, description = "Confirmed", body = Reservation),
         (status = 404, description = "Never seen", body = ErrorBody),
@@ -313,7 +313,7 @@ pub async fn confirm(
     post,
     path = "/reservations/{id}/release",
     tag = "reservations",
-    params(("id" = String, Path, description = "The reservation id (1 to 64 letters, digits, `-`, `_`)")),
+    params(("id" = String, Path, description = "The reservation id", pattern = r"^[A-Za-z0-9_-]{1,64}$")),
     responses(
         (status = 200, description = "Released (or already not holding stock)", body = Reservation),
         (status = 422, description = "Bad id", body = ErrorBody),

@@ -73,7 +73,11 @@ pub struct NewUser {
     #[schema(min_length = 1, max_length = 50, example = "john_doe")]
     pub username: String,
     /// `local@domain.tld`: one `@`, no spaces, a dotted domain.
-    #[schema(max_length = 254, pattern = r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$", example = "john@example.com")]
+    #[schema(
+        max_length = 254,
+        pattern = r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$",
+        example = "john@example.com"
+    )]
     pub email: String,
     #[schema(min_length = 1, max_length = 200, example = "John Doe")]
     pub full_name: String,
