@@ -5,9 +5,10 @@
 //! caller's span as parent) or starts a new trace, and sends its own span
 //! id as the parent of what it calls. A malformed `traceparent` is
 //! replaced, never forwarded. Ids are random per process (a seed from the
-//! OS once) mixed with a counter: unique within the process, unguessable
+//! OS once) mixed with a per-thread counter: unique within the process, unguessable
 //! across processes, no lock and no system call per id.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -74,22 +75,39 @@ impl TraceContext {
     /// `traceparent` naming this span as the parent (what goes to a
     /// callee): 55 bytes.
     pub fn header(&self) -> String {
-        let mut out = String::with_capacity(55);
-        out.push_str("00-");
-        push_hex(&mut out, &self.trace_id);
-        out.push('-');
-        push_hex(&mut out, &self.span_id);
-        out.push('-');
-        push_hex(&mut out, &[self.flags]);
+        ascii(&self.header_bytes())
+    }
+
+    /// [`Self::header`] without an allocation.
+    pub fn header_bytes(&self) -> [u8; 55] {
+        let mut out = [b'-'; 55];
+        out[..2].copy_from_slice(b"00");
+        hex_into(&self.trace_id, &mut out[3..35]);
+        hex_into(&self.span_id, &mut out[36..52]);
+        hex_into(&[self.flags], &mut out[53..]);
         out
     }
 
     pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
+        ascii(&self.trace_id_bytes())
+    }
+
+    /// The trace id's 32 hex digits without an allocation.
+    pub fn trace_id_bytes(&self) -> [u8; 32] {
+        let mut out = [0; 32];
+        hex_into(&self.trace_id, &mut out);
+        out
+    }
+
+    /// The span id's 16 hex digits without an allocation.
+    pub fn span_id_bytes(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        hex_into(&self.span_id, &mut out);
+        out
     }
 
     pub fn span_id_hex(&self) -> String {
-        hex(&self.span_id)
+        ascii(&self.span_id_bytes())
     }
 }
 
@@ -144,19 +162,25 @@ fn from_hex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
+/// `bytes` in lowercase hex into `out` (twice as long).
+pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
     }
 }
 
 /// `bytes` in lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    push_hex(&mut out, bytes);
-    out
+    let mut out = vec![0; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Hex digits (ASCII) as a `String`.
+fn ascii(digits: &[u8]) -> String {
+    String::from_utf8_lossy(digits).into_owned()
 }
 
 fn new_span_id() -> [u8; 8] {
@@ -169,12 +193,26 @@ fn new_span_id() -> [u8; 8] {
 }
 
 /// Two 64-bit values no other call returns: the process's random seed
-/// mixed with a counter through SplitMix64 (a bijection).
+/// mixed through SplitMix64 (a bijection) with a counter that is unique in
+/// the process: each thread takes a block of 2^40 values once and counts
+/// in it alone, so no cache line is shared between threads per id.
 fn random_pair() -> (u64, u64) {
     static SEED: OnceLock<(u64, u64)> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static BLOCKS: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static NEXT: Cell<u64> = Cell::new(BLOCKS.fetch_add(1, Ordering::Relaxed) << 40);
+    }
     let (a, b) = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair());
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let n = NEXT.with(|next| {
+        let n = next.get();
+        // A thread that used its whole block takes a new one.
+        next.set(if (n + 1) & ((1 << 40) - 1) == 0 {
+            BLOCKS.fetch_add(1, Ordering::Relaxed) << 40
+        } else {
+            n + 1
+        });
+        n
+    });
     (
         splitmix64(n ^ a),
         splitmix64(n.wrapping_add(b) ^ a.rotate_left(17)),
@@ -193,6 +231,44 @@ mod tests {
     use super::*;
 
     const VALID: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn ids_made_on_many_threads_are_all_different() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    (0..10_000)
+                        .map(|_| TraceContext::root(false))
+                        .flat_map(|t| {
+                            [
+                                t.trace_id[..8].to_vec(),
+                                t.trace_id[8..].to_vec(),
+                                t.span_id.to_vec(),
+                            ]
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for thread in threads {
+            for id in thread.join().unwrap() {
+                assert!(seen.insert(id), "an id was made twice");
+            }
+        }
+        assert_eq!(seen.len(), 4 * 10_000 * 3);
+    }
+
+    #[test]
+    fn the_header_and_the_hex_ids_agree() {
+        let here = TraceContext::continue_or_start(Some(VALID), false);
+        let header = here.header_bytes();
+        assert_eq!(&header[3..35], here.trace_id_hex().as_bytes());
+        assert_eq!(&header[36..52], here.span_id_hex().as_bytes());
+        assert_eq!(&header[..3], b"00-");
+        assert_eq!(&header[52..], b"-01");
+        assert_eq!(here.header().as_bytes(), &header[..]);
+    }
 
     #[test]
     fn a_valid_traceparent_is_continued_with_a_new_span() {

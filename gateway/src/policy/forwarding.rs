@@ -145,7 +145,7 @@ pub fn client_ip_value(ip: IpAddr) -> Option<HeaderValue> {
 
 /// The trace id of `trace` as a header value (32 hex digits).
 pub fn trace_id_value(trace: &TraceContext) -> HeaderValue {
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(trace.trace_id_hex()))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(trace.trace_id_bytes()))
         .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
@@ -157,7 +157,7 @@ pub fn set_trace_headers(
     span: &TraceContext,
     continued: bool,
 ) -> pingora::Result<()> {
-    let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(span.header()))
+    let value = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(span.header_bytes()))
         .map_err(|e| Error::because(ErrorType::InternalError, "traceparent", e))?;
     request.insert_header(TRACEPARENT, value)?;
     if !continued && request.headers.contains_key(TRACESTATE) {

@@ -174,12 +174,12 @@ impl std::fmt::Display for Hex<'_> {
     }
 }
 
+/// An id (at most 16 bytes) in lowercase hex.
 fn push_hex(line: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in bytes {
-        line.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        line.push(char::from(DIGITS[usize::from(byte & 0xf)]));
-    }
+    let mut digits = [0; 32];
+    let digits = &mut digits[..2 * bytes.len().min(16)];
+    telemetry::trace::hex_into(bytes, digits);
+    line.push_str(std::str::from_utf8(digits).unwrap_or_default());
 }
 
 impl AccessLine<'_> {

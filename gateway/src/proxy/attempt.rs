@@ -267,14 +267,16 @@ fn settle(facts: &Facts, ctx: &mut RequestCtx<'_>, route: &Route) -> Decision {
 
 /// Counts the current attempt's outcome for its instance.
 fn count_attempt(ctx: &mut RequestCtx<'_>, outcome: Outcome) {
-    if let Some(instance) = &ctx.attempts.instance {
+    if let Some(instance) = &ctx.attempts.instance
+        && ctx.snapshot.config.metrics
+    {
         instance.attempts.count(outcome);
     }
     tracing_export::end_attempt(ctx, outcome, None);
 }
 
-/// Records a response's outcome for passive health and the attempt
-/// counters.
+/// Records a response's outcome for passive health and (with `metrics`)
+/// the attempt counters.
 pub fn record_response(ctx: &mut RequestCtx<'_>, route: &Route, status: u16) {
     let outcome = if status >= 500 {
         Outcome::Http5xx
@@ -283,7 +285,9 @@ pub fn record_response(ctx: &mut RequestCtx<'_>, route: &Route, status: u16) {
     };
     if let Some(instance) = &ctx.attempts.instance {
         route.upstream.record(instance, outcome == Outcome::Ok);
-        instance.attempts.count(outcome);
+        if ctx.snapshot.config.metrics {
+            instance.attempts.count(outcome);
+        }
     }
     tracing_export::end_attempt(ctx, outcome, Some(status));
 }
