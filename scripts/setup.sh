@@ -8,12 +8,15 @@
 #   prometheus: promtool (CI checks the scrape config, the alert rules and
 #          their unit tests, and every /metrics exposition) and the server
 #          the observability tests scrape with.
+#   python3 with venv: the benchmarks, and scripts/contract-fuzz.py, which
+#          installs schemathesis into target/schemathesis-venv (from PyPI).
 set -euo pipefail
 
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
+{ command -v python3 >/dev/null 2>&1 && python3 -c 'import ensurepip, venv' >/dev/null 2>&1; } || need+=(python3 python3-venv)
 { command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || need+=(prometheus)
 
 if ((${#need[@]})); then

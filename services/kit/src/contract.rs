@@ -5,11 +5,10 @@
 //! uses it).
 
 use axum::Router;
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::StatusCode;
 use serde_json::{Value, json};
-use tower::ServiceExt;
+
+use crate::testing::send;
 
 /// A service's router and the document it serves.
 pub struct Contract {
@@ -17,33 +16,10 @@ pub struct Contract {
     pub document: Value,
 }
 
-async fn send(app: &Router, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Vec<u8>) {
-    let mut request = Request::builder().method(method).uri(uri);
-    if body.is_some() {
-        request = request.header("content-type", "application/json");
-    }
-    let request = request
-        .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
-        .expect("valid test request");
-    let response = app
-        .clone()
-        .oneshot(request)
-        .await
-        .expect("router is infallible");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body readable")
-        .to_bytes();
-    (status, bytes.to_vec())
-}
-
 impl Contract {
     /// Reads `GET /openapi.json` of `app`; panics unless it is OpenAPI 3.1.
     pub async fn of(app: &Router) -> Contract {
-        let (status, body) = send(app, "GET", "/openapi.json", None).await;
+        let (status, _, body) = send(app, "GET", "/openapi.json", None).await;
         assert_eq!(status, StatusCode::OK, "GET /openapi.json");
         let document: Value = serde_json::from_slice(&body).expect("the document is JSON");
         let version = document["openapi"].as_str().unwrap_or_default();
@@ -76,7 +52,7 @@ impl Contract {
         for (path, method) in self.operations() {
             let uri = fill_template(&path);
             let body = matches!(method.as_str(), "post" | "put").then_some("{}");
-            let (status, bytes) = send(&self.app, &method.to_uppercase(), &uri, body).await;
+            let (status, _, bytes) = send(&self.app, &method.to_uppercase(), &uri, body).await;
             let detail = serde_json::from_slice::<Value>(&bytes)
                 .ok()
                 .and_then(|v| v["detail"].as_str().map(str::to_owned));
@@ -98,7 +74,7 @@ impl Contract {
         uri: &str,
         body: Option<&str>,
     ) -> (StatusCode, Value) {
-        let (status, bytes) = send(&self.app, method, uri, body).await;
+        let (status, _, bytes) = send(&self.app, method, uri, body).await;
         let body: Value = if bytes.is_empty() {
             Value::Null
         } else {
@@ -125,19 +101,40 @@ impl Contract {
         let Some(schema) = response["content"]["application/json"].get("schema") else {
             panic!("{method} {template} {status}: no JSON schema documented");
         };
+        let validator = self.validator(schema, &format!("{method} {template} {status}"));
+        let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {template} {status}: the answer does not match the document: {errors:?}\n{body}"
+        );
+    }
+}
+
+impl Contract {
+    /// Whether `body` fits the documented request body of `method
+    /// template`: what a client reading the document may send.
+    pub fn request_fits(&self, method: &str, template: &str, body: &Value) -> bool {
+        let operation = &self.document["paths"][template][method.to_lowercase()];
+        let Some(schema) = operation["requestBody"]["content"]["application/json"].get("schema")
+        else {
+            panic!("{method} {template}: no JSON request body documented");
+        };
+        self.validator(schema, &format!("{method} {template} request"))
+            .is_valid(body)
+    }
+
+    /// A validator of `schema`, with the document's components to refer to.
+    fn validator(&self, schema: &Value, what: &str) -> jsonschema::Validator {
         let mut root = schema.clone();
         if let Some(object) = root.as_object_mut() {
             object.insert("components".into(), self.document["components"].clone());
         } else {
             root = json!({ "allOf": [schema], "components": self.document["components"] });
         }
-        let validator = jsonschema::draft202012::new(&root)
-            .unwrap_or_else(|err| panic!("{method} {template} {status}: bad schema: {err}"));
-        let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
-        assert!(
-            errors.is_empty(),
-            "{method} {template} {status}: the answer does not match the document: {errors:?}\n{body}"
-        );
+        jsonschema::draft202012::options()
+            .should_validate_formats(true)
+            .build(&root)
+            .unwrap_or_else(|err| panic!("{what}: bad schema: {err}"))
     }
 }
 

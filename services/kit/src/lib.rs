@@ -30,6 +30,7 @@ pub mod extract;
 pub mod fault;
 pub mod metrics;
 pub mod money;
+pub mod number;
 pub mod openapi;
 pub mod page;
 pub mod serve;

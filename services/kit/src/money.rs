@@ -103,6 +103,7 @@ impl utoipa::PartialSchema for Money {
             ))
             .maximum(Some(MAX_CENTS / 100))
             .minimum(Some(-(MAX_CENTS / 100)))
+            .multiple_of(Some(0.01))
             .examples([serde_json::json!(1299.99)])
             .into()
     }

@@ -9,15 +9,14 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
-/// Sends one request to `app` without a socket and returns the status and
-/// the body parsed as JSON (`Value::Null` for an empty body). Panics if the
-/// body is not JSON: every answer of these services must be.
-pub async fn call(
+/// Sends one request to `app` without a socket (a JSON body if `body` is
+/// given) and returns the status, the headers and the raw body.
+pub async fn send(
     app: &Router,
     method: &str,
     uri: &str,
     body: Option<&str>,
-) -> (StatusCode, Value) {
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
     let mut request = Request::builder().method(method).uri(uri);
     if body.is_some() {
         request = request.header("content-type", "application/json");
@@ -30,13 +29,20 @@ pub async fn call(
         .oneshot(request)
         .await
         .expect("router is infallible");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body readable")
-        .to_bytes();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.expect("body readable").to_bytes();
+    (parts.status, parts.headers, bytes.to_vec())
+}
+
+/// [`send`], the body parsed as JSON (`Value::Null` for an empty body).
+/// Panics if the body is not JSON: every answer of these services must be.
+pub async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+) -> (StatusCode, Value) {
+    let (status, _, bytes) = send(app, method, uri, body).await;
     let json = if bytes.is_empty() {
         Value::Null
     } else {
@@ -50,21 +56,10 @@ pub async fn call(
     (status, json)
 }
 
-/// Sends a GET to `app` and returns the status, the headers and the raw
-/// body (for answers that are not JSON, or whose headers matter).
+/// A GET through [`send`] (for answers that are not JSON, or whose
+/// headers matter).
 pub async fn get_raw(app: &Router, uri: &str) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
-    let request = Request::builder()
-        .uri(uri)
-        .body(Body::empty())
-        .expect("valid test request");
-    let response = app
-        .clone()
-        .oneshot(request)
-        .await
-        .expect("router is infallible");
-    let (parts, body) = response.into_parts();
-    let bytes = body.collect().await.expect("body readable").to_bytes();
-    (parts.status, parts.headers, bytes.to_vec())
+    send(app, "GET", uri, None).await
 }
 
 /// Panics unless `app` serves its documentation page at `/docs/` with

@@ -145,9 +145,10 @@ struct ApiDoc;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct NewOrder {
+    #[serde(deserialize_with = "service_kit::number::integer")]
     pub user_id: i64,
     /// 1 to 100 different products (lines for the same product are added
-    /// up), each quantity 1 to 1000000.
+    /// up), each quantity and each product's sum 1 to 1000000.
     #[schema(min_items = 1, value_type = Vec<OrderLine>)]
     pub items: Vec<ItemRequest>,
 }

@@ -6,7 +6,9 @@ use service_kit::money::Money;
 /// One line of a reservation request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemRequest {
+    #[serde(deserialize_with = "service_kit::number::integer")]
     pub product_id: i64,
+    #[serde(deserialize_with = "service_kit::number::integer")]
     #[schema(minimum = 1, maximum = 1_000_000_000)]
     pub quantity: i64,
 }
@@ -20,7 +22,8 @@ pub struct ReserveRequest {
     #[serde(default)]
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
     pub id: Option<String>,
-    /// 1 to 100 different products (lines for the same one are added up).
+    /// 1 to 100 different products (lines for the same one are added up,
+    /// and the sum has the bound of one line's quantity).
     #[schema(min_items = 1)]
     pub items: Vec<ItemRequest>,
 }

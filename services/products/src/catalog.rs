@@ -48,39 +48,54 @@ impl Product {
     }
 }
 
+/// A new product. Lengths count the characters as sent; the handler trims
+/// surrounding white space (Unicode `White_Space`, the class the patterns
+/// spell out) before it stores the text.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct NewProduct {
-    #[schema(min_length = 1, max_length = 200, example = "Laptop")]
+    /// Not only white space.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"[^\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]",
+        example = "Laptop"
+    )]
     pub name: String,
     #[serde(default)]
     #[schema(max_length = 5000)]
     pub description: Option<String>,
     /// Not negative; at most two decimals.
-    #[schema(value_type = f64, minimum = 0, maximum = 10_000_000_000_i64)]
+    #[schema(value_type = f64, minimum = 0, maximum = 10_000_000_000_i64, multiple_of = 0.01)]
     pub price: Money,
+    #[serde(deserialize_with = "service_kit::number::integer")]
     #[schema(minimum = 0, maximum = 1_000_000_000)]
     pub stock: i64,
-    #[schema(min_length = 1, max_length = 200, example = "Electronics")]
+    /// Not only white space.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"[^\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]",
+        example = "Electronics"
+    )]
     pub category: String,
 }
 
 impl NewProduct {
     fn validated(self) -> AppResult<NewProduct> {
-        let name = self.name.trim().to_owned();
-        let category = self.category.trim().to_owned();
-        let description = self.description.map(|d| d.trim().to_owned());
-        let length_ok = |s: &str, max| !s.is_empty() && s.chars().count() <= max;
-        if !length_ok(&name, MAX_NAME_CHARS) {
+        // The length as sent, the text trimmed.
+        let length_ok = |s: &str, max| !s.trim().is_empty() && s.chars().count() <= max;
+        if !length_ok(&self.name, MAX_NAME_CHARS) {
             return Err(AppError::unprocessable(format!(
                 "name must be 1 to {MAX_NAME_CHARS} characters"
             )));
         }
-        if !length_ok(&category, MAX_NAME_CHARS) {
+        if !length_ok(&self.category, MAX_NAME_CHARS) {
             return Err(AppError::unprocessable(format!(
                 "category must be 1 to {MAX_NAME_CHARS} characters"
             )));
         }
-        if description
+        if self
+            .description
             .as_deref()
             .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION_CHARS)
         {
@@ -97,9 +112,9 @@ impl NewProduct {
             )));
         }
         Ok(NewProduct {
-            name,
-            description,
-            category,
+            name: self.name.trim().to_owned(),
+            description: self.description.map(|d| d.trim().to_owned()),
+            category: self.category.trim().to_owned(),
             ..self
         })
     }

@@ -257,3 +257,98 @@ async fn the_docs_page_works_offline() {
     let (_dir, app) = fresh().await;
     docs_page_is_self_contained(&app).await;
 }
+
+/// What the document admits and what the handlers admit are the same set.
+/// Found by schemathesis: integer-valued floats (`5054.0`, JSON Schema's
+/// integers too) were refused, and prices with more than two decimals
+/// fitted a schema that did not say `multipleOf: 0.01`.
+#[tokio::test]
+async fn the_document_admits_exactly_what_the_handlers_take() {
+    let (_dir, app) = fresh().await;
+    let contract = Contract::of(&app).await;
+    let product = |name: &str, price: &str, stock: &str| {
+        format!(r#"{{"name":{name},"price":{price},"stock":{stock},"category":"C"}}"#)
+    };
+    let mut cases = Vec::new();
+    for stock in [
+        "5054",
+        "5054.0",
+        "1e2",
+        "0",
+        "-1",
+        "1.5",
+        "1000000000",
+        "1000000000.0",
+        "1000000001",
+        "2e9",
+    ] {
+        cases.push(product(r#""P""#, "1.00", stock));
+    }
+    for price in [
+        "0.07",
+        "1.15",
+        "1299.99",
+        "1e2",
+        "1.5e1",
+        "0",
+        "0.0",
+        "10000000000",
+        "1.1500000000000001",
+        "0.005",
+        "1e-7",
+        "-0.01",
+        "10000000000.01",
+        "1e300",
+    ] {
+        cases.push(product(r#""P""#, price, "1"));
+    }
+    for name in [
+        r#"" ""#,
+        r#""\u0085""#,
+        r#""\ufeff""#,
+        r#"" x ""#,
+        r#""\u3000""#,
+        r#""\u200b""#,
+    ] {
+        cases.push(product(name, "1", "1"));
+    }
+    let (mut fitted, mut refused) = (0, 0);
+    for body in cases {
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let fits = contract.request_fits("POST", "/products", &value);
+        let (status, answer) = contract
+            .call("POST", "/products", "/products", Some(&body))
+            .await;
+        assert_eq!(
+            fits,
+            status == StatusCode::CREATED,
+            "{body}: the document says {}, the handler answered {status} {answer}",
+            if fits { "fits" } else { "does not fit" }
+        );
+        if fits { fitted += 1 } else { refused += 1 }
+    }
+    assert!(
+        fitted > 8 && refused > 8,
+        "{fitted} fitted, {refused} refused"
+    );
+
+    // A reservation line's quantity and product id, the same way.
+    for (line, expected) in [
+        (r#"{"product_id":1.0,"quantity":2.0}"#, StatusCode::CREATED),
+        (
+            r#"{"product_id":1,"quantity":1.5}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        let body = format!(r#"{{"items":[{line}]}}"#);
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            contract.request_fits("POST", "/reservations", &value),
+            expected == StatusCode::CREATED
+        );
+        let (status, answer) = contract
+            .call("POST", "/reservations", "/reservations", Some(&body))
+            .await;
+        assert_eq!(status, expected, "{body}: {answer}");
+    }
+}

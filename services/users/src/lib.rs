@@ -67,19 +67,33 @@ fn routes(state: AppState) -> OpenApiRouter {
 )]
 struct ApiDoc;
 
+/// A new user. Lengths count the characters as sent; the handler trims
+/// surrounding white space (Unicode `White_Space`, the class the patterns
+/// spell out) before it checks the rest and stores the value.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct NewUser {
-    /// Letters, digits, `_`, `-` and `.` (surrounding spaces are trimmed).
-    #[schema(min_length = 1, max_length = 50, example = "john_doe")]
+    /// ASCII letters and digits, `_`, `-` and `.`.
+    #[schema(
+        min_length = 1,
+        max_length = 50,
+        pattern = r"^[\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[A-Za-z0-9_.-]+[\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$",
+        example = "john_doe"
+    )]
     pub username: String,
-    /// `local@domain.tld`: one `@`, no spaces, a dotted domain.
+    /// `local@domain.tld`: one `@`, no white space, a dotted domain.
     #[schema(
         max_length = 254,
-        pattern = r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$",
+        pattern = r"^[\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*[^@\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]+@[^@.\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]+(\.[^@.\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]+)+[\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]*$",
         example = "john@example.com"
     )]
     pub email: String,
-    #[schema(min_length = 1, max_length = 200, example = "John Doe")]
+    /// Not only white space.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"[^\t\n\x0B\f\r \x85\xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]",
+        example = "John Doe"
+    )]
     pub full_name: String,
 }
 
@@ -107,36 +121,38 @@ impl User {
 const USER_COLUMNS: &str = "id, username, email, full_name, is_active";
 
 impl NewUser {
-    /// Trims the fields and checks them; the first problem is a 422.
+    /// Checks the lengths as sent, then trims the fields and checks what
+    /// is left; the first problem is a 422.
     fn validated(self) -> AppResult<NewUser> {
-        let username = self.username.trim().to_owned();
-        let email = self.email.trim().to_owned();
-        let full_name = self.full_name.trim().to_owned();
-        let username_ok = |c: char| c.is_alphanumeric() || matches!(c, '_' | '-' | '.');
-        if username.is_empty() || username.chars().count() > MAX_USERNAME_CHARS {
+        let too_long = |s: &str, max| s.chars().count() > max;
+        let username = self.username.trim();
+        let email = self.email.trim();
+        let full_name = self.full_name.trim();
+        let username_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+        if username.is_empty() || too_long(&self.username, MAX_USERNAME_CHARS) {
             return Err(AppError::unprocessable(format!(
                 "username must be 1 to {MAX_USERNAME_CHARS} characters"
             )));
         }
         if !username.chars().all(username_ok) {
             return Err(AppError::unprocessable(
-                "username may contain only letters, digits, '_', '-' and '.'",
+                "username may contain only ASCII letters, digits, '_', '-' and '.'",
             ));
         }
-        if email.chars().count() > MAX_EMAIL_CHARS || !is_plausible_email(&email) {
+        if too_long(&self.email, MAX_EMAIL_CHARS) || !is_plausible_email(email) {
             return Err(AppError::unprocessable(
                 "email is not a valid e-mail address",
             ));
         }
-        if full_name.is_empty() || full_name.chars().count() > MAX_FULL_NAME_CHARS {
+        if full_name.is_empty() || too_long(&self.full_name, MAX_FULL_NAME_CHARS) {
             return Err(AppError::unprocessable(format!(
                 "full_name must be 1 to {MAX_FULL_NAME_CHARS} characters"
             )));
         }
         Ok(NewUser {
-            username,
-            email,
-            full_name,
+            username: username.to_owned(),
+            email: email.to_owned(),
+            full_name: full_name.to_owned(),
         })
     }
 }

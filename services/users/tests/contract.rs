@@ -152,3 +152,70 @@ async fn the_docs_page_works_offline() {
     });
     docs_page_is_self_contained(&app).await;
 }
+
+/// What the document admits and what the handler admits are the same set:
+/// white space of every kind (Unicode's, which the handler trims, against
+/// ECMA-262's `\s`, which differs), lengths with and without surrounding
+/// spaces, non-ASCII names. Found by schemathesis: an e-mail with U+0085
+/// in it fitted `\s`-based pattern and was refused.
+#[tokio::test]
+async fn the_document_admits_exactly_what_the_handler_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(AppState {
+        db: open_db(&dir.path().join("users.db")).await.unwrap(),
+    });
+    let contract = Contract::of(&app).await;
+    let spaces = [
+        " ", "\t", "\u{b}", "\u{85}", "\u{a0}", "\u{1680}", "\u{2007}", "\u{2028}", "\u{202f}",
+        "\u{3000}",
+    ];
+    let not_spaces = ["\u{feff}", "\u{1c}", "\u{200b}", "\u{180e}", "\u{0}"];
+    let mut cases: Vec<(String, String, String)> = Vec::new();
+    for (i, s) in spaces.iter().chain(&not_spaces).enumerate() {
+        cases.push((format!("u{i}"), format!("a{i}{s}b@example.com"), "N".into()));
+        cases.push((
+            format!("{s}v{i}{s}"),
+            format!("{s}v{i}@example.com{s}"),
+            format!("{s}N{s}"),
+        ));
+        cases.push((
+            format!("w{i}{s}"),
+            format!("w{i}@exa{s}mple.com"),
+            (*s).to_owned(),
+        ));
+        cases.push((
+            format!("x{i}"),
+            format!("x{i}@example{s}com"),
+            format!("{s}{s}"),
+        ));
+    }
+    let fifty = "y".repeat(50);
+    cases.push((fifty.clone(), "y@example.com".into(), "Y".into()));
+    cases.push((format!(" {fifty}"), "y1@example.com".into(), "Y".into()));
+    cases.push(("jöhn".into(), "j@example.com".into(), "J".into()));
+    cases.push(("z".into(), "z@@example.com".into(), "Z".into()));
+    cases.push(("z1".into(), "z1@example.".into(), "Z".into()));
+    cases.push(("z2".into(), "z2@.example.com".into(), "Z".into()));
+    cases.push(("z3".into(), "@example.com".into(), "Z".into()));
+    cases.push(("z4".into(), "z4@example.com".into(), "Z".repeat(201)));
+    let (mut fitted, mut refused) = (0, 0);
+    for (username, email, full_name) in cases {
+        let body =
+            serde_json::json!({"username": username, "email": email, "full_name": full_name});
+        let fits = contract.request_fits("POST", "/users", &body);
+        let (status, answer) = contract
+            .call("POST", "/users", "/users", Some(&body.to_string()))
+            .await;
+        assert_eq!(
+            fits,
+            status == StatusCode::CREATED,
+            "{body}: the document says {}, the handler answered {status} {answer}",
+            if fits { "fits" } else { "does not fit" }
+        );
+        if fits { fitted += 1 } else { refused += 1 }
+    }
+    assert!(
+        fitted > 10 && refused > 10,
+        "{fitted} fitted, {refused} refused"
+    );
+}
