@@ -306,6 +306,16 @@ pub fn merge(routes: &[RouteView], sources: &BTreeMap<String, Source>) -> Value 
         "components": { "schemas": schemas },
         "x-gateway-services": status,
     });
+    // Only the tags of operations that are reached (product-service's
+    // `reservations` is not, through the usual routes).
+    let used: Vec<&Value> = paths
+        .values()
+        .filter_map(Value::as_object)
+        .flat_map(|item| item.values())
+        .filter_map(|operation| operation["tags"].as_array())
+        .flatten()
+        .collect();
+    tags.retain(|tag| used.contains(&&tag["name"]));
     if !tags.is_empty() {
         document["tags"] = Value::Array(tags);
     }
@@ -378,12 +388,12 @@ mod tests {
         let users = json!({
             "openapi": "3.1.0",
             "paths": {
-                "/users/{id}": {"get": {"operationId": "get_user", "responses": {"200": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/User"}}}}}}},
-                "/users": {"get": {"operationId": "list_users"}},
-                "/health": {"get": {"operationId": "health"}},
+                "/users/{id}": {"get": {"operationId": "get_user", "tags": ["users"], "responses": {"200": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/User"}}}}}}},
+                "/users": {"get": {"operationId": "list_users", "tags": ["users"]}},
+                "/health": {"get": {"operationId": "health", "tags": ["health"]}},
             },
             "components": {"schemas": {"User": {"type": "object"}}},
-            "tags": [{"name": "users"}],
+            "tags": [{"name": "health"}, {"name": "users"}],
         });
         let routes = [
             route("/api/users", "user-service", Some("/api")),
@@ -410,7 +420,11 @@ mod tests {
             "#/components/schemas/user-service.User"
         );
         assert!(merged["components"]["schemas"]["user-service.User"].is_object());
-        assert_eq!(merged["tags"][0]["name"], "users");
+        assert_eq!(
+            merged["tags"],
+            json!([{"name": "users"}]),
+            "the tag of an operation no route reaches is left out"
+        );
         assert_eq!(
             merged["x-gateway-services"]["product-service"]["available"],
             false
