@@ -144,6 +144,7 @@ def oha(url, connections, seconds, method="GET", body=None, headers=()):
         "rps": summary.get("requestsPerSec") or 0.0,
         "p50_us": (pct.get("p50") or 0.0) * 1e6,
         "p99_us": (pct.get("p99") or 0.0) * 1e6,
+        "max_us": (summary.get("slowest") or 0.0) * 1e6,
         "ok": ok,
         "failed": failed,
         "statuses": statuses,
@@ -160,6 +161,22 @@ def measured(run, pids):
     result["cpu_user_us_per_request"] = per_request(user_after - user_before)
     result["cpu_sys_us_per_request"] = per_request(system_after - system_before)
     result["cpu_us_per_request"] = result["cpu_user_us_per_request"] + result["cpu_sys_us_per_request"]
+    return result
+
+
+def measured_each(run, named_pids):
+    """Runs `run()` (an oha call) and adds the CPU each named process used
+    per request (`cpu_us_per_request_by_process`) and their sum."""
+    before = {name: cpu_ticks([pid]) for name, pid in named_pids.items()}
+    result = run()
+    after = {name: cpu_ticks([pid]) for name, pid in named_pids.items()}
+    requests = result["ok"] + result["failed"]
+    by_process = {
+        name: (sum(after[name]) - sum(before[name])) * 1e6 / CLK_TCK / requests if requests else 0.0
+        for name in named_pids
+    }
+    result["cpu_us_per_request_by_process"] = by_process
+    result["cpu_us_per_request"] = sum(by_process.values())
     return result
 
 
@@ -447,15 +464,23 @@ def reload_under_load(args, procs):
 
 
 def full_stack(args, procs):
+    """The services at their pace, in one run: `bench-hello` direct and each
+    service's GET by id direct (rounds alternated, ratios per round), then
+    `GET /api/products/{id}` and `POST /api/orders` through the gateway at
+    `--connections` clients and at 1, with the CPU of every process."""
     data = os.path.join(WORK, "stack-data")
     shutil.rmtree(data, ignore_errors=True)
     os.makedirs(data)
-    users, products, orders = free_port(), free_port(), free_port()
-    procs.start("user-service", [os.path.join(RELEASE, "user-service"), "--listen", f"127.0.0.1:{users}", "--db", f"{data}/users.db"])
-    procs.start("product-service", [os.path.join(RELEASE, "product-service"), "--listen", f"127.0.0.1:{products}", "--db", f"{data}/products.db"])
-    procs.start("order-service", [os.path.join(RELEASE, "order-service"), "--listen", f"127.0.0.1:{orders}", "--db", f"{data}/orders.db",
-                                  "--users-url", f"http://127.0.0.1:{users}", "--products-url", f"http://127.0.0.1:{products}"])
-    for port in (users, products, orders):
+    users, products, orders, hello = free_port(), free_port(), free_port(), free_port()
+    pids = {}
+    pids["user-service"] = procs.start("user-service", [os.path.join(RELEASE, "user-service"), "--listen", f"127.0.0.1:{users}", "--db", f"{data}/users.db"]).pid
+    pids["product-service"] = procs.start("product-service", [os.path.join(RELEASE, "product-service"), "--listen", f"127.0.0.1:{products}", "--db", f"{data}/products.db"]).pid
+    pids["order-service"] = procs.start("order-service", [os.path.join(RELEASE, "order-service"), "--listen", f"127.0.0.1:{orders}", "--db", f"{data}/orders.db",
+                                         "--users-url", f"http://127.0.0.1:{users}", "--products-url", f"http://127.0.0.1:{products}"]).pid
+    # As many runtime threads as the services' (one per core).
+    hello_pid = procs.start("stack-bench-hello", [os.path.join(RELEASE, "bench-hello"), "--listen", f"127.0.0.1:{hello}",
+                                                  "--threads", str(os.cpu_count() or 1)]).pid
+    for port in (users, products, orders, hello):
         wait_http(f"http://127.0.0.1:{port}/health")
     port = free_port()
     path = os.path.join(WORK, "conf", "gateway-stack.yaml")
@@ -466,13 +491,13 @@ threads: {args.threads}
 services:
   user-service: {{ instances: ["127.0.0.1:{users}"] }}
   product-service: {{ instances: ["127.0.0.1:{products}"] }}
-  order-service: {{ instances: ["127.0.0.1:{orders}"] }}
+  order-service: {{ instances: ["127.0.0.1:{orders}"], timeouts: {{ read: 10s }} }}
 routes:
   - {{ prefix: /api/users, service: user-service, strip_prefix: /api }}
   - {{ prefix: /api/products, service: product-service, strip_prefix: /api }}
   - {{ prefix: /api/orders, service: order-service, strip_prefix: /api }}
 """)
-    procs.start("gateway-stack", [os.path.join(RELEASE, "gateway"), "--config", path], env=dict(os.environ, RUST_LOG="info"))
+    pids["gateway"] = procs.start("gateway-stack", [os.path.join(RELEASE, "gateway"), "--config", path], env=dict(os.environ, RUST_LOG="info")).pid
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/health")
 
@@ -484,15 +509,45 @@ routes:
     user = post(f"{base}/api/users", {"username": "bench", "email": "bench@example.com", "full_name": "Bench"})
     product = post(f"{base}/api/products", {"name": "Plenty", "price": 1.5, "stock": 1_000_000_000, "category": "Bench"})
     order = json.dumps({"user_id": user["id"], "items": [{"product_id": product["id"], "quantity": 1}]})
-    result = {
-        "get_products": oha(f"{base}/api/products", args.connections, args.seconds),
-        "post_orders": oha(f"{base}/api/orders", args.connections, args.seconds, method="POST", body=order,
-                           headers=["content-type: application/json"]),
+
+    direct_targets = {
+        "bench-hello": (f"http://127.0.0.1:{hello}/", {"bench-hello": hello_pid}),
+        "GET /users/{id}": (f"http://127.0.0.1:{users}/users/{user['id']}", {"user-service": pids["user-service"]}),
+        "GET /products/{id}": (f"http://127.0.0.1:{products}/products/{product['id']}", {"product-service": pids["product-service"]}),
     }
-    for name, r in result.items():
-        log(f"full stack {name}: {r['rps']:.0f} req/s, p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us, "
-            f"failed {r['failed']} {r['statuses']}")
-    return result
+    direct = {name: [] for name in direct_targets}
+    for round_ in range(args.rounds):
+        order_ = list(direct_targets) if round_ % 2 == 0 else list(reversed(direct_targets))
+        for name in order_:
+            url, named = direct_targets[name]
+            direct[name].append(measured_each(lambda: oha(url, args.connections, args.seconds), named))
+    ratios = {
+        name: statistics.median(r["rps"] / h["rps"] for r, h in zip(direct[name], direct["bench-hello"]) if h["rps"])
+        for name in direct if name != "bench-hello"
+    }
+    through = {}
+    for clients in (args.connections, 1):
+        through[f"GET /api/products/{{id}} c{clients}"] = measured_each(
+            lambda: oha(f"{base}/api/products/{product['id']}", clients, args.seconds), pids)
+        through[f"POST /api/orders c{clients}"] = measured_each(
+            lambda: oha(f"{base}/api/orders", clients, args.seconds, method="POST", body=order,
+                        headers=["content-type: application/json"]), pids)
+    hello_rps = statistics.median(r["rps"] for r in direct["bench-hello"])
+    for name, runs in direct.items():
+        r = runs[-1]
+        log(f"direct {name}: {statistics.median(x['rps'] for x in runs):.0f} req/s (median of {len(runs)}), "
+            f"last p99 {r['p99_us']:.0f} us, {r['cpu_us_per_request']:.1f} us CPU/req")
+    for name, r in through.items():
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in r["cpu_us_per_request_by_process"].items())
+        log(f"through the gateway {name}: {r['rps']:.0f} req/s, p50 {r['p50_us']:.0f} us, p99 {r['p99_us']:.0f} us, "
+            f"max {r['max_us']:.0f} us, failed {r['failed']} {r['statuses']}; CPU us/req: {cpu}")
+    return {
+        "direct": direct,
+        "direct_ratio_to_hello": ratios,
+        "hello_rps": hello_rps,
+        "through_gateway": through,
+        "orders_ratio_to_hello": through[f"POST /api/orders c{args.connections}"]["rps"] / hello_rps if hello_rps else 0.0,
+    }
 
 
 # --- the report ------------------------------------------------------------------
@@ -617,15 +672,7 @@ def markdown(results, args):
         f"`gateway.yaml` rewritten {rl['rewrites']} times during an oha run ({args.connections} clients): "
         f"{rl['reloads_applied']} reloads applied, {rl['requests']} requests, **{rl['failed']} failed**.",
         "",
-        "## Full stack through the gateway",
-        "",
-        "| request | req/s | p50 µs | p99 µs | failed |",
-        "|---|---:|---:|---:|---:|",
-        f"| `GET /api/products` | {fs['get_products']['rps']:.0f} | {fs['get_products']['p50_us']:.0f} | "
-        f"{fs['get_products']['p99_us']:.0f} | {fs['get_products']['failed']} |",
-        f"| `POST /api/orders` (one item) | {fs['post_orders']['rps']:.0f} | {fs['post_orders']['p50_us']:.0f} | "
-        f"{fs['post_orders']['p99_us']:.0f} | {fs['post_orders']['failed']} |",
-        "",
+        *full_stack_section(fs, args),
         "## Commands",
         "",
         "```",
@@ -644,6 +691,47 @@ def markdown(results, args):
         with open(notes) as f:
             lines.append(f.read())
     return "\n".join(lines)
+
+
+def full_stack_section(fs, args):
+    if "direct" not in fs:  # a run saved before the services' part existed
+        return [
+            "## Full stack through the gateway",
+            "",
+            "| request | req/s | p50 µs | p99 µs | failed |",
+            "|---|---:|---:|---:|---:|",
+            *(f"| {label} | {fs[key]['rps']:.0f} | {fs[key]['p50_us']:.0f} | {fs[key]['p99_us']:.0f} | {fs[key]['failed']} |"
+              for key, label in (("get_products", "`GET /api/products`"), ("post_orders", "`POST /api/orders` (one item)"))),
+            "",
+        ]
+    lines = [
+        "## The services",
+        "",
+        f"Direct, {args.connections} clients, {len(fs['direct']['bench-hello'])} alternated rounds of {args.seconds} s "
+        "(median req/s; ratio: median of the per-round ratios to `bench-hello`, an axum hello on as many threads as the services):",
+        "",
+        "| request | req/s | ratio to bench-hello | p99 µs (last round) | CPU µs/req |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, runs in fs["direct"].items():
+        ratio = "1" if name == "bench-hello" else f"**{fs['direct_ratio_to_hello'][name]:.2f}×**"
+        lines.append(f"| `{name}` | {statistics.median(r['rps'] for r in runs):.0f} | {ratio} | {runs[-1]['p99_us']:.0f} | "
+                     f"{statistics.median(r['cpu_us_per_request'] for r in runs):.1f} |")
+    lines += [
+        "",
+        "Through the gateway (CPU per request of each process, from `/proc`):",
+        "",
+        "| request | clients | req/s | p50 µs | p99 µs | max µs | failed | CPU µs/req: gateway, users, products, orders (sum) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for key, r in fs["through_gateway"].items():
+        name, clients = key.rsplit(" c", 1)
+        cpu = r["cpu_us_per_request_by_process"]
+        lines.append(f"| `{name}` | {clients} | {r['rps']:.0f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['max_us']:.0f} | "
+                     f"{r['failed']} | {cpu['gateway']:.0f}, {cpu['user-service']:.0f}, {cpu['product-service']:.0f}, "
+                     f"{cpu['order-service']:.0f} ({r['cpu_us_per_request']:.0f}) |")
+    lines += ["", f"Orders per second / bench-hello's req/s: **{fs['orders_ratio_to_hello']:.3f}**.", ""]
+    return lines
 
 
 def baseline_lines(by_target):
@@ -754,7 +842,15 @@ def main():
     finally:
         procs.stop()
     if args.only:
-        print(json.dumps(results.get("proxies", {}).get("summary", results), indent=1))
+        if not args.smoke:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+            path = os.path.join(RESULTS, f"{stamp}-only-{'-'.join(args.only)}.json")
+            with open(path, "w") as f:
+                json.dump(results, f, indent=2)
+            log(f"wrote {path}")
+        if "stack" in args.only:
+            print("\n".join(full_stack_section(results["full_stack"], args)))
+        print(json.dumps(results.get("proxies", {}).get("summary", {}), indent=1))
         return 0
 
     failures = results["reload"]["failed"]

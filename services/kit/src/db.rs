@@ -24,8 +24,8 @@ use sqlx::{AssertSqlSafe, SqlitePool};
 /// that a stuck database surfaces as an error rather than a hung request.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections per process. SQLite has one writer at a time anyway; a few
-/// connections let reads proceed alongside it.
+/// Reading connections per process; reads proceed alongside the writer
+/// (WAL). Writes go through one connection of their own ([`Db`]).
 pub const MAX_CONNECTIONS: u32 = 8;
 
 /// How long a request waits for a free connection before it gets a 503.
@@ -69,9 +69,47 @@ pub enum DbError {
     },
 }
 
+/// A service's database: one connection that writes, a few that read.
+///
+/// SQLite has one writer at a time. With writes spread over a pool, a
+/// writer that finds the write lock taken sleeps in SQLite's busy handler
+/// (in steps up to 100 ms) and tries again: under load, long tails. Here
+/// every write of the process goes through one connection, so writers
+/// queue for it in order (the pool's acquire queue, without sleeping), and
+/// the busy timeout is left for writers in other processes (two
+/// product-service instances on one file). Readers never wait for the
+/// writer (WAL); their connections are read-only, so a write sent to them
+/// fails loudly instead of contending.
+///
+/// Never acquire the writer while holding it (a transaction that calls
+/// code which writes through [`Db::write`] would wait for itself): pass
+/// the transaction instead.
+#[derive(Debug, Clone)]
+pub struct Db {
+    reader: SqlitePool,
+    writer: SqlitePool,
+}
+
+impl Db {
+    /// For queries that only read.
+    pub fn read(&self) -> &SqlitePool {
+        &self.reader
+    }
+
+    /// For every statement or transaction that writes.
+    pub fn write(&self) -> &SqlitePool {
+        &self.writer
+    }
+    /// Closes every connection (waiting for those in use).
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+}
+
 /// Opens (creating if needed) the SQLite file at `path`, then applies the
 /// migrations it has not seen yet.
-pub async fn open(path: &Path, migrations: &[Migration]) -> Result<SqlitePool, DbError> {
+pub async fn open(path: &Path, migrations: &[Migration]) -> Result<Db, DbError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         tokio::fs::create_dir_all(dir)
             .await
@@ -100,14 +138,20 @@ pub async fn open(path: &Path, migrations: &[Migration]) -> Result<SqlitePool, D
     let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
     loop {
         let attempt = async {
-            let pool = SqlitePoolOptions::new()
-                .max_connections(MAX_CONNECTIONS)
+            let writer = SqlitePoolOptions::new()
+                .max_connections(1)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options.clone())
                 .await
                 .map_err(open_err)?;
-            migrate(&pool, path, migrations).await?;
-            Ok::<_, DbError>(pool)
+            migrate(&writer, path, migrations).await?;
+            let reader = SqlitePoolOptions::new()
+                .max_connections(MAX_CONNECTIONS)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options.clone().read_only(true))
+                .await
+                .map_err(open_err)?;
+            Ok::<_, DbError>(Db { reader, writer })
         };
         match attempt.await {
             Err(err) if err.is_busy() && tokio::time::Instant::now() < deadline => {
@@ -209,19 +253,19 @@ mod tests {
         let path = dir.path().join("nested/t.db");
         let pool = open(&path, MIGRATIONS).await.unwrap();
         sqlx::query("INSERT INTO t (v) VALUES ('mine')")
-            .execute(&pool)
+            .execute(pool.write())
             .await
             .unwrap();
         pool.close().await;
 
         let pool = open(&path, MIGRATIONS).await.unwrap();
         let rows: Vec<String> = sqlx::query_scalar("SELECT v FROM t ORDER BY id")
-            .fetch_all(&pool)
+            .fetch_all(pool.read())
             .await
             .unwrap();
         assert_eq!(rows, ["seed", "mine"]);
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(&pool)
+            .fetch_one(pool.read())
             .await
             .unwrap();
         assert_eq!(mode, "wal");
@@ -234,7 +278,7 @@ mod tests {
         let (a, b) = tokio::join!(open(&path, MIGRATIONS), open(&path, MIGRATIONS));
         let (a, _b) = (a.unwrap(), b.unwrap());
         let seeds: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t WHERE v = 'seed'")
-            .fetch_one(&a)
+            .fetch_one(a.read())
             .await
             .unwrap();
         assert_eq!(seeds, 1);

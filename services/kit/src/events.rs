@@ -25,7 +25,9 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Sqlite, Transaction};
+
+use crate::db::Db;
 use tokio::sync::Notify;
 
 /// The outbox and inbox tables, for a service's migrations.
@@ -205,11 +207,11 @@ impl Relay {
         }
     }
 
-    /// Starts relaying `pool`'s outbox to `broker` in a task.
-    pub fn spawn(pool: SqlitePool, broker: Broker) -> Relay {
+    /// Starts relaying `db`'s outbox to `broker` in a task.
+    pub fn spawn(db: Db, broker: Broker) -> Relay {
         let relay = Relay::idle();
         let wake = Arc::clone(&relay.wake);
-        tokio::spawn(async move { run_relay(pool, broker, wake).await });
+        tokio::spawn(async move { run_relay(db, broker, wake).await });
         relay
     }
 
@@ -219,7 +221,7 @@ impl Relay {
     }
 }
 
-async fn run_relay(pool: SqlitePool, broker: Broker, wake: Arc<Notify>) {
+async fn run_relay(db: Db, broker: Broker, wake: Arc<Notify>) {
     let mut backoff = BACKOFF_START;
     let mut streams_ready = false;
     loop {
@@ -228,7 +230,7 @@ async fn run_relay(pool: SqlitePool, broker: Broker, wake: Arc<Notify>) {
                 broker.ensure_streams().await?;
                 streams_ready = true;
             }
-            publish_pending(&pool, &broker).await
+            publish_pending(&db, &broker).await
         };
         match round.await {
             Ok(published) => {
@@ -249,13 +251,13 @@ async fn run_relay(pool: SqlitePool, broker: Broker, wake: Arc<Notify>) {
 
 /// Publishes one batch of unpublished events in order, marking each batch
 /// published once JetStream acknowledged all of it.
-async fn publish_pending(pool: &SqlitePool, broker: &Broker) -> Result<usize, String> {
+async fn publish_pending(db: &Db, broker: &Broker) -> Result<usize, String> {
     let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
         "SELECT seq, event_id, subject, payload FROM outbox
          WHERE published_at IS NULL ORDER BY seq LIMIT ?",
     )
     .bind(BATCH)
-    .fetch_all(pool)
+    .fetch_all(db.read())
     .await
     .map_err(|err| format!("outbox: {err}"))?;
     let mut last = None;
@@ -277,7 +279,7 @@ async fn publish_pending(pool: &SqlitePool, broker: &Broker) -> Result<usize, St
              WHERE seq <= ? AND published_at IS NULL",
         )
         .bind(last)
-        .execute(pool)
+        .execute(db.write())
         .await
         .map_err(|err| format!("outbox: {err}"))?;
     }

@@ -11,12 +11,12 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use sqlx::SqlitePool;
 use tokio::net::TcpListener;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::AppError;
+use crate::db::Db;
 
 /// Largest request body a service reads; larger ones get a 413. The services
 /// take small JSON documents; a megabyte is far more than any of them needs.
@@ -43,8 +43,8 @@ pub fn init_tracing(service: &'static str, format: telemetry::log::LogFormat) {
 /// (`GET /docs`), JSON 404/405 answers, the body limit, and per request a
 /// span with its request id and trace context, its metrics and one log
 /// line. `routes` carries the service's own document (`openapi`).
-pub fn finish_router(routes: OpenApiRouter, service: &'static str, pool: SqlitePool) -> Router {
-    let (router, api) = document(routes, service, pool);
+pub fn finish_router(routes: OpenApiRouter, service: &'static str, db: Db) -> Router {
+    let (router, api) = document(routes, service, db);
     router
         .merge(crate::openapi::docs(api))
         .route_layer(middleware::from_fn(note_route))
@@ -61,12 +61,12 @@ pub fn finish_router(routes: OpenApiRouter, service: &'static str, pool: SqliteP
 pub fn document(
     routes: OpenApiRouter,
     service: &'static str,
-    pool: SqlitePool,
+    db: Db,
 ) -> (Router, utoipa::openapi::OpenApi) {
     let common = OpenApiRouter::new()
         .routes(routes!(health))
         .routes(routes!(metrics))
-        .with_state(HealthState { service, pool });
+        .with_state(HealthState { service, db });
     routes.merge(common).split_for_parts()
 }
 
@@ -106,7 +106,7 @@ async fn note_route(request: Request, next: Next) -> Response {
 #[derive(Clone)]
 struct HealthState {
     service: &'static str,
-    pool: SqlitePool,
+    db: Db,
 }
 
 /// What `/health` answers.
@@ -133,7 +133,7 @@ pub struct HealthBody {
     )
 )]
 async fn health(State(state): State<HealthState>) -> Response {
-    match sqlx::query("SELECT 1").execute(&state.pool).await {
+    match sqlx::query("SELECT 1").execute(state.db.read()).await {
         Ok(_) => axum::Json(json!({
             "service": state.service,
             "status": "healthy",
@@ -310,8 +310,8 @@ pub async fn serve_until_signal(
 pub async fn service_main(
     service: &'static str,
     listen: SocketAddr,
-    db: Result<SqlitePool, crate::db::DbError>,
-    build_app: impl FnOnce(SqlitePool) -> Router,
+    db: Result<Db, crate::db::DbError>,
+    build_app: impl FnOnce(Db) -> Router,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
     match telemetry::export::init_from_env(service) {

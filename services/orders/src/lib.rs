@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use product_service::api::{ItemRequest, merge_items};
 use serde::{Deserialize, Serialize};
-use service_kit::db::{self, DbError, Migration};
+use service_kit::db::{self, Db, DbError, Migration};
 use service_kit::events::{self, Broker, Relay};
 use service_kit::extract::{Json, Path, Query};
 use service_kit::money::Money;
@@ -28,7 +28,7 @@ use service_kit::openapi::ErrorBody;
 use service_kit::page::Page;
 use service_kit::{AppError, AppResult};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Row, Sqlite, Transaction};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -62,7 +62,7 @@ const MAX_QUANTITY: i64 = 1_000_000;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub db: SqlitePool,
+    pub db: Db,
     pub deps: Dependencies,
     /// Publishes the outbox (idle without a broker).
     pub relay: Relay,
@@ -72,7 +72,7 @@ pub struct AppState {
 
 impl AppState {
     /// State without a broker.
-    pub fn new(db: SqlitePool, deps: Dependencies) -> Self {
+    pub fn new(db: Db, deps: Dependencies) -> Self {
         AppState {
             db,
             deps,
@@ -120,7 +120,7 @@ pub fn start_background(state: &mut AppState, broker: Option<Broker>, recovery: 
     saga::spawn_recovery(state.clone(), recovery.grace, recovery.every);
 }
 
-pub async fn open_db(path: &std::path::Path) -> Result<SqlitePool, DbError> {
+pub async fn open_db(path: &std::path::Path) -> Result<Db, DbError> {
     db::open(path, MIGRATIONS).await
 }
 
@@ -363,7 +363,7 @@ async fn list_orders(
     let page = Page::new(filter.limit, filter.after_id)?;
     let wanted =
         serde_json::to_string(&statuses(filter.status.as_deref())?).map_err(AppError::internal)?;
-    let mut tx = state.db.begin().await?;
+    let mut tx = state.db.read().begin().await?;
     let rows = sqlx::query(
         "SELECT id, user_id, total_cents, status, created_at, failure_reason FROM orders
          WHERE (?1 IS NULL OR user_id = ?1) AND status IN (SELECT value FROM json_each(?2))
@@ -424,7 +424,7 @@ async fn list_orders(
     )
 )]
 async fn get_order(State(state): State<AppState>, Path(id): Path<i64>) -> AppResult<Json<Order>> {
-    let mut tx = state.db.begin().await?;
+    let mut tx = state.db.read().begin().await?;
     let order = load_order(&mut tx, id)
         .await?
         .ok_or_else(|| AppError::not_found("Order not found"))?;

@@ -115,7 +115,7 @@ async fn insert_pending(state: &AppState, user_id: i64, reservation_id: &str) ->
     )
     .bind(user_id)
     .bind(reservation_id)
-    .fetch_one(&state.db);
+    .fetch_one(state.db.write());
     let id: i64 = service_kit::metrics::timed(SERVICE_NAME, "order_insert_pending", insert).await?;
     Ok(id)
 }
@@ -150,7 +150,7 @@ async fn confirm(state: &AppState, id: i64, reservation: &Reservation) -> AppRes
                 .and_then(|line| sum.checked_add(line))
         })
         .ok_or_else(|| AppError::unprocessable("order total is too large"))?;
-    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
     let row = sqlx::query(
         "UPDATE orders SET status = 'confirmed', total_cents = ?,
                 updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
@@ -202,7 +202,7 @@ async fn confirm(state: &AppState, id: i64, reservation: &Reservation) -> AppRes
 /// with `hold_possible`, its reservation is to be released (by
 /// [`release_failed`], now or by recovery). Whether it was pending.
 async fn fail(state: &AppState, id: i64, reason: &str, hold_possible: bool) -> AppResult<bool> {
-    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
     let row = sqlx::query(
         "UPDATE orders SET status = 'failed', failure_reason = ?, stock_released = ?,
                 updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
@@ -241,7 +241,7 @@ async fn release_failed(state: &AppState, id: i64, reservation_id: &str) -> AppR
     }
     sqlx::query("UPDATE orders SET stock_released = 1 WHERE id = ? AND status = 'failed'")
         .bind(id)
-        .execute(&state.db)
+        .execute(state.db.write())
         .await?;
     Ok(true)
 }
@@ -254,7 +254,7 @@ pub async fn recover(state: &AppState, grace: Duration) -> AppResult<usize> {
          ORDER BY id",
     )
     .bind(format!("-{} seconds", grace.as_secs()))
-    .fetch_all(&state.db)
+    .fetch_all(state.db.read())
     .await?;
     let mut finished = 0;
     for (id, reservation_id) in due {
@@ -293,7 +293,7 @@ pub async fn recover(state: &AppState, grace: Duration) -> AppResult<usize> {
     let unreleased: Vec<(i64, String)> = sqlx::query_as(
         "SELECT id, reservation_id FROM orders WHERE status = 'failed' AND stock_released = 0",
     )
-    .fetch_all(&state.db)
+    .fetch_all(state.db.read())
     .await?;
     for (id, reservation_id) in unreleased {
         if !release_failed(state, id, &reservation_id).await? {
@@ -325,7 +325,7 @@ pub fn spawn_recovery(state: AppState, grace: Duration, every: Duration) {
 /// `POST /orders/{id}/cancel`: see the module documentation. Returns the
 /// order and whether the cancellation is still on its way.
 pub async fn cancel(state: &AppState, id: i64) -> AppResult<(Order, bool)> {
-    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
     let order = load_order(&mut tx, id)
         .await?
         .ok_or_else(|| AppError::not_found("Order not found"))?;
@@ -391,7 +391,7 @@ pub async fn cancel(state: &AppState, id: i64) -> AppResult<(Order, bool)> {
 async fn finish_cancellations(state: &AppState) -> AppResult<usize> {
     let cancelling: Vec<String> =
         sqlx::query_scalar("SELECT reservation_id FROM orders WHERE status = 'cancelling'")
-            .fetch_all(&state.db)
+            .fetch_all(state.db.read())
             .await?;
     let mut finished = 0;
     for reservation_id in cancelling {
@@ -411,7 +411,7 @@ async fn mark_cancelled(state: &AppState, reservation_id: &str) -> AppResult<boo
          WHERE reservation_id = ? AND status = 'cancelling'",
     )
     .bind(reservation_id)
-    .execute(&state.db)
+    .execute(state.db.write())
     .await?
     .rows_affected();
     Ok(changed == 1)
@@ -424,7 +424,7 @@ pub async fn on_stock_released(state: &AppState, event: events::Delivered) -> Re
         return Ok(());
     };
     let apply = async {
-        let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
         if events::first_delivery(&mut tx, &event.id).await? {
             let changed = sqlx::query(
                 "UPDATE orders SET status = 'cancelled', updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')

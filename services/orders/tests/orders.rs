@@ -15,7 +15,7 @@ use service_kit::serve::spawn_local;
 /// The three services, each on its own port and database in `dir`.
 struct Stack {
     _dir: tempfile::TempDir,
-    orders_db: sqlx::SqlitePool,
+    orders_db: service_kit::db::Db,
     users: SocketAddr,
     products: SocketAddr,
     orders: SocketAddr,
@@ -26,7 +26,7 @@ async fn start_orders(
     db_path: &Path,
     users_url: &str,
     products_url: &str,
-) -> (sqlx::SqlitePool, SocketAddr) {
+) -> (service_kit::db::Db, SocketAddr) {
     let db = order_service::open_db(db_path).await.unwrap();
     let deps = Dependencies::new(users_url, products_url).unwrap();
     let addr = spawn_local(order_service::app(AppState::new(db.clone(), deps)))
@@ -281,7 +281,7 @@ async fn concurrent_orders_never_oversell_or_leak() {
 async fn a_failure_after_reservation_releases_the_stock() {
     let stack = Stack::start().await;
     sqlx::raw_sql("CREATE TRIGGER refuse BEFORE INSERT ON orders BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;")
-        .execute(&stack.orders_db)
+        .execute(stack.orders_db.write())
         .await
         .unwrap();
     let (status, answer) = stack
@@ -296,7 +296,7 @@ async fn a_failure_after_reservation_releases_the_stock() {
     assert_eq!((stack.stock(1).await, stack.stock(2).await), (10, 50));
 
     sqlx::raw_sql("DROP TRIGGER refuse")
-        .execute(&stack.orders_db)
+        .execute(stack.orders_db.write())
         .await
         .unwrap();
     let (status, _) = stack

@@ -148,7 +148,7 @@ pub async fn create_product(
     .bind(p.price.cents())
     .bind(p.stock)
     .bind(&p.category)
-    .fetch_one(&state.db)
+    .fetch_one(state.db.write())
     .await?;
     Ok((StatusCode::CREATED, Json(Product::from_row(&row)?)))
 }
@@ -193,7 +193,7 @@ pub async fn list_products(
     .bind(filter.category.map(|c| c.trim().to_owned()))
     .bind(page.after_id)
     .bind(page.fetch())
-    .fetch_all(&state.db)
+    .fetch_all(state.db.read())
     .await?;
     let products = rows
         .iter()
@@ -223,7 +223,7 @@ pub async fn get_product(
         "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ?"
     )))
     .bind(id)
-    .fetch_optional(&state.db)
+    .fetch_optional(state.db.read())
     .await?
     .ok_or_else(|| AppError::not_found("Product not found"))?;
     Ok(Json(Product::from_row(&row)?))
@@ -277,7 +277,7 @@ pub async fn change_stock(
     .bind(stock_change)
     .bind(id)
     .bind(MAX_STOCK)
-    .fetch_optional(&state.db)
+    .fetch_optional(state.db.write())
     .await?;
     if let Some(new_stock) = updated {
         return Ok(Json(StockChanged {
@@ -289,7 +289,7 @@ pub async fn change_stock(
     // it decides nothing.
     let stock: Option<i64> = sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
         .bind(id)
-        .fetch_optional(&state.db)
+        .fetch_optional(state.db.read())
         .await?;
     match stock {
         None => Err(AppError::not_found("Product not found")),

@@ -18,9 +18,8 @@
 use std::time::Duration;
 
 use axum::Router;
-use service_kit::db::{self, DbError, Migration};
+use service_kit::db::{self, Db, DbError, Migration};
 use service_kit::events::{self, Broker, Relay};
-use sqlx::SqlitePool;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -59,7 +58,7 @@ pub const DEFAULT_HOLD: Duration = Duration::from_secs(300);
 
 #[derive(Clone)]
 pub struct AppState {
-    pub db: SqlitePool,
+    pub db: Db,
     /// How long an unconfirmed reservation holds its stock.
     pub hold: Duration,
     /// Publishes the outbox (idle without a broker).
@@ -68,7 +67,7 @@ pub struct AppState {
 
 impl AppState {
     /// State for `db` with the default hold and no broker.
-    pub fn new(db: SqlitePool) -> Self {
+    pub fn new(db: Db) -> Self {
         AppState {
             db,
             hold: DEFAULT_HOLD,
@@ -100,7 +99,7 @@ pub fn start_background(state: &mut AppState, broker: Option<Broker>) {
 
 /// Opens the product database at `path`, creating, migrating and seeding it
 /// if needed.
-pub async fn open_db(path: &std::path::Path) -> Result<SqlitePool, DbError> {
+pub async fn open_db(path: &std::path::Path) -> Result<Db, DbError> {
     db::open(path, MIGRATIONS).await
 }
 

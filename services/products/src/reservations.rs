@@ -22,12 +22,13 @@ use std::time::{Duration, SystemTime};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
+use service_kit::db::Db;
 use service_kit::events;
 use service_kit::extract::{Json, Path};
 use service_kit::money::Money;
 use service_kit::openapi::ErrorBody;
 use service_kit::{AppError, AppResult};
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Row, Sqlite, Transaction};
 
 use crate::api::{Reservation, ReservationStatus, ReserveRequest, ReservedItem, merge_items};
 use crate::catalog::MAX_STOCK;
@@ -131,7 +132,7 @@ pub async fn reserve(
         )));
     }
 
-    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
     match existing(&mut tx, &id).await? {
         Some(reservation) if reservation.status.holds_stock() => {
             // A retry of a reservation that went through: same answer.
@@ -244,7 +245,7 @@ pub async fn get(
     if !valid_id(&id) {
         return Err(AppError::unprocessable("invalid reservation id"));
     }
-    let mut tx = state.db.begin().await?;
+    let mut tx = state.db.read().begin().await?;
     let reservation = existing(&mut tx, &id)
         .await?
         .ok_or_else(|| AppError::not_found("Reservation not found"))?;
@@ -275,7 +276,7 @@ pub async fn confirm(
     if !valid_id(&id) {
         return Err(AppError::unprocessable("invalid reservation id"));
     }
-    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
     let reservation = existing(&mut tx, &id)
         .await?
         .ok_or_else(|| AppError::not_found("Reservation not found"))?;
@@ -327,7 +328,7 @@ pub async fn release(
     if !valid_id(&id) {
         return Err(AppError::unprocessable("invalid reservation id"));
     }
-    let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
     let reservation = release_in(&mut tx, &id, Value::Null).await?;
     tx.commit().await?;
     state.relay.wake();
@@ -398,8 +399,8 @@ async fn give_back(
 
 /// Expires the held reservations whose time is up (their stock returns,
 /// `stock.expired` is recorded); how many.
-pub async fn expire_due(db: &SqlitePool) -> Result<usize, sqlx::Error> {
-    let mut tx = db.begin_with("BEGIN IMMEDIATE").await?;
+pub async fn expire_due(db: &Db) -> Result<usize, sqlx::Error> {
+    let mut tx = db.write().begin_with("BEGIN IMMEDIATE").await?;
     let due: Vec<String> = sqlx::query_scalar(
         "SELECT id FROM reservations WHERE status = 'held' AND expires_at <= ? LIMIT ?",
     )
@@ -456,7 +457,7 @@ pub async fn on_order_cancelled(state: &AppState, event: events::Delivered) -> R
         return Ok(());
     };
     let apply = async {
-        let mut tx = state.db.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
         if events::first_delivery(&mut tx, &event.id).await? {
             let cause = json!({"event": event.id, "order_id": event.data.get("order_id")});
             release_in(&mut tx, reservation_id, cause).await?;

@@ -9,13 +9,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
-use service_kit::db::{self, DbError, Migration};
+use service_kit::db::{self, Db, DbError, Migration};
 use service_kit::extract::{Json, Path, Query};
 use service_kit::openapi::{ErrorBody, PageParams};
 use service_kit::page::Page;
 use service_kit::{AppError, AppResult};
+use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqlitePool};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -37,11 +37,11 @@ const MAX_FULL_NAME_CHARS: usize = 200;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub db: SqlitePool,
+    pub db: Db,
 }
 
 /// Opens the user database at `path`, creating and migrating it if needed.
-pub async fn open_db(path: &std::path::Path) -> Result<SqlitePool, DbError> {
+pub async fn open_db(path: &std::path::Path) -> Result<Db, DbError> {
     db::open(path, MIGRATIONS).await
 }
 
@@ -196,7 +196,7 @@ async fn create_user(
     .bind(&new_user.username)
     .bind(&new_user.email)
     .bind(&new_user.full_name)
-    .fetch_one(&state.db);
+    .fetch_one(state.db.write());
     let inserted = service_kit::metrics::timed(SERVICE_NAME, "user_insert", inserted).await;
     match inserted {
         Ok(row) => {
@@ -237,7 +237,7 @@ async fn list_users(
     )))
     .bind(page.after_id)
     .bind(page.fetch())
-    .fetch_all(&state.db)
+    .fetch_all(state.db.read())
     .await?;
     let users = rows
         .iter()
@@ -264,7 +264,7 @@ async fn get_user(State(state): State<AppState>, Path(id): Path<i64>) -> AppResu
         "SELECT {USER_COLUMNS} FROM users WHERE id = ?"
     )))
     .bind(id)
-    .fetch_optional(&state.db);
+    .fetch_optional(state.db.read());
     let row = service_kit::metrics::timed(SERVICE_NAME, "user_get", row)
         .await?
         .ok_or_else(|| AppError::not_found("User not found"))?;
