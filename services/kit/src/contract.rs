@@ -123,6 +123,36 @@ impl Contract {
             .is_valid(body)
     }
 
+    /// Sends each body to `method path` (an operation without path
+    /// parameters) and panics unless the document admits exactly the
+    /// bodies the handler creates (201). Returns how many fitted and how
+    /// many did not.
+    pub async fn admits_exactly_what_it_creates(
+        &self,
+        method: &str,
+        path: &str,
+        bodies: impl IntoIterator<Item = String>,
+    ) -> (usize, usize) {
+        let (mut fitted, mut refused) = (0, 0);
+        for body in bodies {
+            let value: Value = serde_json::from_str(&body).expect("a JSON test body");
+            let fits = self.request_fits(method, path, &value);
+            let (status, answer) = self.call(method, path, path, Some(&body)).await;
+            assert_eq!(
+                fits,
+                status == StatusCode::CREATED,
+                "{body}: the document says {}, the handler answered {status} {answer}",
+                if fits { "fits" } else { "does not fit" }
+            );
+            if fits {
+                fitted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        (fitted, refused)
+    }
+
     /// A validator of `schema`, with the document's components to refer to.
     fn validator(&self, schema: &Value, what: &str) -> jsonschema::Validator {
         let mut root = schema.clone();

@@ -312,21 +312,9 @@ async fn the_document_admits_exactly_what_the_handlers_take() {
     ] {
         cases.push(product(name, "1", "1"));
     }
-    let (mut fitted, mut refused) = (0, 0);
-    for body in cases {
-        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let fits = contract.request_fits("POST", "/products", &value);
-        let (status, answer) = contract
-            .call("POST", "/products", "/products", Some(&body))
-            .await;
-        assert_eq!(
-            fits,
-            status == StatusCode::CREATED,
-            "{body}: the document says {}, the handler answered {status} {answer}",
-            if fits { "fits" } else { "does not fit" }
-        );
-        if fits { fitted += 1 } else { refused += 1 }
-    }
+    let (fitted, refused) = contract
+        .admits_exactly_what_it_creates("POST", "/products", cases)
+        .await;
     assert!(
         fitted > 8 && refused > 8,
         "{fitted} fitted, {refused} refused"
