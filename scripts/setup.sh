@@ -8,6 +8,10 @@
 #   prometheus: promtool (CI checks the scrape config, the alert rules and
 #          their unit tests, and every /metrics exposition) and the server
 #          the observability tests scrape with.
+#   etcd-server: the service registry (issue 20); the tests start their own
+#          on loopback, scripts/run.sh --registry one in data/etcd.
+#   protobuf-compiler: protoc, which etcd-client's build compiles etcd's
+#          gRPC definitions with.
 #   python3 with venv: the benchmarks, and scripts/contract-fuzz.py, which
 #          installs schemathesis into target/schemathesis-venv (from PyPI).
 set -euo pipefail
@@ -16,6 +20,8 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 { command -v python3 >/dev/null 2>&1 && python3 -c 'import ensurepip, venv' >/dev/null 2>&1; } || need+=(python3 python3-venv)
 { command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || need+=(prometheus)
 

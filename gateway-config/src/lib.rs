@@ -96,6 +96,10 @@ pub mod defaults {
     /// (a container replaced, a failover record) are followed within half
     /// a minute, at one lookup per name per half minute.
     pub const DNS_REFRESH: Duration = Duration::from_secs(30);
+    /// The registry's key prefix, as the services register by default.
+    pub const REGISTRY_PREFIX: &str = "/gateway/services";
+    /// The last-known-members file, beside the configuration file.
+    pub const REGISTRY_CACHE: &str = "registry-cache.json";
 }
 
 /// A validated gateway configuration.
@@ -130,6 +134,8 @@ pub struct Config {
     pub metrics: bool,
     /// The merged API document and its page; `None`: off.
     pub api_docs: Option<ApiDocs>,
+    /// `registry`: where `discovery: etcd` services are found.
+    pub registry: Option<RegistryConfig>,
     /// Sorted by name.
     pub services: Vec<ServiceConfig>,
     /// In file order; lookup is by longest prefix, not by order.
@@ -170,11 +176,41 @@ pub struct OutlierSettings {
     pub ejection_time: Duration,
 }
 
+/// `registry.etcd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// `http://host:port` of each member.
+    pub endpoints: Vec<String>,
+    /// Without a trailing `/`.
+    pub prefix: String,
+    /// The last-known-members file.
+    pub cache: std::path::PathBuf,
+}
+
+/// Where a service's instances come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryKind {
+    /// `instances` in the file.
+    Static,
+    /// The registry (`registry.etcd`).
+    Etcd,
+}
+
+impl DiscoveryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiscoveryKind::Static => "static",
+            DiscoveryKind::Etcd => "etcd",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
+    pub discovery: DiscoveryKind,
     /// The instances as written (`ip:port` or `host:port`); discovery
-    /// resolves them when a version is built.
+    /// resolves them when a version is built. Empty with `discovery: etcd`.
     pub instances: Vec<String>,
     pub load_balancing: LoadBalancing,
     pub health: HealthSettings,

@@ -56,6 +56,9 @@ pub struct RawConfig {
     /// The merged API document and its page on the public listener.
     #[serde(default)]
     pub api_docs: Option<Spanned<RawApiDocs>>,
+    /// Where services on `discovery: etcd` find their instances.
+    #[serde(default)]
+    pub registry: Option<Spanned<RawRegistry>>,
     pub services: Spanned<BTreeMap<String, RawService>>,
     pub routes: Spanned<Vec<RawRoute>>,
 }
@@ -78,6 +81,26 @@ pub struct RawApiDocs {
     /// How often the services' documents are fetched again (`30s`).
     #[serde(default)]
     pub refresh: Option<Spanned<HumanDuration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistry {
+    pub etcd: Spanned<RawEtcd>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcd {
+    /// `host:port` (or `http://host:port`) of each etcd member.
+    pub endpoints: Spanned<Vec<Spanned<String>>>,
+    /// Keys are `<prefix>/<service>/<instance-id>` (`/gateway/services`).
+    #[serde(default)]
+    pub prefix: Option<Spanned<String>>,
+    /// The last known members, kept for a start while etcd is down
+    /// (`registry-cache.json` beside the configuration file).
+    #[serde(default)]
+    pub cache: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +144,12 @@ pub struct RawDownstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawService {
-    pub instances: Spanned<Vec<Spanned<String>>>,
+    /// The static list; absent with `discovery: etcd`.
+    #[serde(default)]
+    pub instances: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `static` (the `instances` list, the default) or `etcd`.
+    #[serde(default)]
+    pub discovery: Option<Spanned<String>>,
     #[serde(default)]
     pub load_balancing: Option<LoadBalancing>,
     #[serde(default)]

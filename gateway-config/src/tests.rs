@@ -483,3 +483,99 @@ fn api_docs_are_on_by_default_configurable_and_reserve_their_paths() {
         assert!(!errors(&format!("{bad}\n{GOOD}")).is_empty(), "{bad}");
     }
 }
+
+#[test]
+fn services_may_come_from_the_registry_in_a_mixed_table() {
+    let text = r#"
+listen: "127.0.0.1:8000"
+registry:
+  etcd: { endpoints: ["127.0.0.1:2379", "http://10.0.0.2:2379"], prefix: /apps/, cache: state/members.json }
+services:
+  static-one: { instances: ["127.0.0.1:8001"] }
+  found: { discovery: etcd }
+routes:
+  - { prefix: /a, service: static-one }
+  - { prefix: /b, service: found }
+"#;
+    let config = parse(text, "/etc/gw/gateway.yaml").unwrap();
+    let registry = config.registry.clone().unwrap();
+    assert_eq!(
+        registry.endpoints,
+        ["http://127.0.0.1:2379", "http://10.0.0.2:2379"]
+    );
+    assert_eq!(registry.prefix, "/apps");
+    assert_eq!(
+        registry.cache,
+        std::path::Path::new("/etc/gw/state/members.json")
+    );
+    let found = config.service("found").unwrap();
+    assert_eq!(found.discovery, DiscoveryKind::Etcd);
+    assert!(found.instances.is_empty());
+    assert_eq!(
+        config.service("static-one").unwrap().discovery,
+        DiscoveryKind::Static
+    );
+    // Defaults: the services' prefix, a cache beside the file.
+    let text = text.replace(", prefix: /apps/, cache: state/members.json", "");
+    let registry = parse(&text, "/etc/gw/gateway.yaml")
+        .unwrap()
+        .registry
+        .unwrap();
+    assert_eq!(registry.prefix, "/gateway/services");
+    assert_eq!(
+        registry.cache,
+        std::path::Path::new("/etc/gw/registry-cache.json")
+    );
+}
+
+#[test]
+fn registry_mistakes_are_each_reported() {
+    let messages =
+        |text: &str| -> Vec<String> { errors(text).into_iter().map(|e| e.message).collect() };
+    let without_registry = messages(
+        r#"
+listen: "127.0.0.1:8000"
+services:
+  a: { discovery: etcd }
+  b: { discovery: consul, instances: ["127.0.0.1:1"] }
+  c: {}
+routes: [{ prefix: /a, service: a }]
+"#,
+    );
+    let mut without_registry = without_registry;
+    without_registry.sort();
+    assert_eq!(
+        without_registry,
+        [
+            "service a: discovery: etcd needs a top-level registry: { etcd: { endpoints: [...] } }",
+            "service b: discovery \"consul\" is not one of static, etcd",
+            "service c: instances (or discovery: etcd) is required",
+        ]
+    );
+    let with_registry = messages(
+        r#"
+listen: "127.0.0.1:8000"
+registry: { etcd: { endpoints: ["nohost", "https://x:1"], prefix: relative } }
+services:
+  a: { discovery: etcd, instances: ["127.0.0.1:1"] }
+routes: [{ prefix: /a, service: a }]
+"#,
+    );
+    assert_eq!(with_registry.len(), 4, "{with_registry:?}");
+    assert!(
+        with_registry[0].starts_with("registry.etcd.endpoints: \"nohost\""),
+        "{with_registry:?}"
+    );
+    assert!(
+        with_registry[1].contains("\"https://x:1\""),
+        "{with_registry:?}"
+    );
+    assert!(
+        with_registry[2].starts_with("registry.etcd.prefix \"relative\""),
+        "{with_registry:?}"
+    );
+    assert!(
+        with_registry[3].contains("exclude each other"),
+        "{with_registry:?}"
+    );
+}

@@ -14,12 +14,12 @@ use ipnet::IpNet;
 use serde_saphyr::Spanned;
 
 use super::raw::{
-    AllUnhealthy, HumanDuration, LoadBalancing, RawApiDocs, RawConfig, RawHealthCheck, RawRoute,
-    RawService, RawTimeouts,
+    AllUnhealthy, HumanDuration, LoadBalancing, RawApiDocs, RawConfig, RawHealthCheck, RawRegistry,
+    RawRoute, RawService, RawTimeouts,
 };
 use super::{
-    Config, ConfigError, CustomPlugins, Downstream, HealthSettings, OutlierSettings, RouteConfig,
-    Secret, ServiceConfig, Timeouts, defaults,
+    Config, ConfigError, CustomPlugins, DiscoveryKind, Downstream, HealthSettings, OutlierSettings,
+    RegistryConfig, RouteConfig, Secret, ServiceConfig, Timeouts, defaults,
 };
 
 /// Paths the gateway answers itself; a route may not take them.
@@ -108,6 +108,7 @@ pub(super) fn validate(
                 .flat_map(|docs| [docs.path.as_str(), docs.docs_path.as_str()]),
         )
         .collect();
+    let registry = registry(raw.registry.as_ref(), base_dir, &mut problems);
     let base_health = health_settings(&raw.health_check, None, &mut problems);
     if raw.services.value.is_empty() {
         problems.at(&raw.services, "at least one service is required");
@@ -116,7 +117,16 @@ pub(super) fn validate(
         .services
         .value
         .iter()
-        .map(|(name, service)| service_config(name, service, &base_health, &mut problems))
+        .map(|(name, service)| {
+            service_config(
+                name,
+                service,
+                &base_health,
+                raw.registry.is_some(),
+                &raw.services,
+                &mut problems,
+            )
+        })
         .collect();
     let routes = routes(
         &raw.routes.value,
@@ -145,8 +155,67 @@ pub(super) fn validate(
         dns_refresh,
         metrics: raw.metrics.unwrap_or(true),
         api_docs,
+        registry,
         services,
         routes,
+    })
+}
+
+/// `registry.etcd`: its endpoints, prefix and cache file.
+fn registry(
+    raw: Option<&Spanned<RawRegistry>>,
+    base_dir: &Path,
+    problems: &mut Problems,
+) -> Option<RegistryConfig> {
+    let etcd = &raw?.value.etcd;
+    let mut endpoints = Vec::new();
+    if etcd.value.endpoints.value.is_empty() {
+        problems.at(
+            &etcd.value.endpoints,
+            "registry.etcd.endpoints: at least one endpoint is required",
+        );
+    }
+    for endpoint in &etcd.value.endpoints.value {
+        let text = endpoint.value.trim();
+        let address = text.strip_prefix("http://").unwrap_or(text);
+        match host_port(address) {
+            Ok(()) => endpoints.push(format!("http://{address}")),
+            Err(why) => problems.at(
+                endpoint,
+                format!(
+                    "registry.etcd.endpoints: {text:?}: {why} (TLS endpoints are not supported)"
+                ),
+            ),
+        }
+    }
+    let prefix = match &etcd.value.prefix {
+        Some(prefix)
+            if !prefix.value.starts_with('/') || prefix.value.trim_end_matches('/').is_empty() =>
+        {
+            problems.at(
+                prefix,
+                format!(
+                    "registry.etcd.prefix {:?} must be a key path like /gateway/services",
+                    prefix.value
+                ),
+            );
+            defaults::REGISTRY_PREFIX.to_owned()
+        }
+        Some(prefix) => prefix.value.trim_end_matches('/').to_owned(),
+        None => defaults::REGISTRY_PREFIX.to_owned(),
+    };
+    let cache = match &etcd.value.cache {
+        Some(cache) if cache.value.trim().is_empty() => {
+            problems.at(cache, "registry.etcd.cache must be a file path");
+            PathBuf::new()
+        }
+        Some(cache) => base_dir.join(&cache.value),
+        None => base_dir.join(defaults::REGISTRY_CACHE),
+    };
+    Some(RegistryConfig {
+        endpoints,
+        prefix,
+        cache,
     })
 }
 
@@ -462,22 +531,57 @@ fn service_config(
     name: &str,
     raw: &RawService,
     base_health: &HealthSettings,
+    has_registry: bool,
+    services: &Spanned<BTreeMap<String, RawService>>,
     problems: &mut Problems,
 ) -> ServiceConfig {
     if !valid_service_name(name) {
         problems.at(
-            &raw.instances,
+            services,
             format!("service name {name:?} may contain only letters, digits, '-', '_' and '.'"),
         );
     }
-    if raw.instances.value.is_empty() {
-        problems.at(
-            &raw.instances,
+    let discovery = match &raw.discovery {
+        None => DiscoveryKind::Static,
+        Some(kind) if kind.value == "static" => DiscoveryKind::Static,
+        Some(kind) if kind.value == "etcd" => {
+            if !has_registry {
+                problems.at(
+                    kind,
+                    format!("service {name}: discovery: etcd needs a top-level registry: {{ etcd: {{ endpoints: [...] }} }}"),
+                );
+            }
+            DiscoveryKind::Etcd
+        }
+        Some(kind) => {
+            problems.at(
+                kind,
+                format!(
+                    "service {name}: discovery {:?} is not one of static, etcd",
+                    kind.value
+                ),
+            );
+            DiscoveryKind::Static
+        }
+    };
+    let listed: &[Spanned<String>] = raw.instances.as_ref().map_or(&[], |i| &i.value);
+    match (discovery, &raw.instances) {
+        (DiscoveryKind::Static, None) => problems.at(
+            services,
+            format!("service {name}: instances (or discovery: etcd) is required"),
+        ),
+        (DiscoveryKind::Static, Some(instances)) if instances.value.is_empty() => problems.at(
+            instances,
             format!("service {name}: at least one instance is required"),
-        );
+        ),
+        (DiscoveryKind::Etcd, Some(instances)) => problems.at(
+            instances,
+            format!("service {name}: instances and discovery: etcd exclude each other (the registry lists the instances)"),
+        ),
+        _ => {}
     }
-    let mut instances: Vec<String> = Vec::with_capacity(raw.instances.value.len());
-    for address in &raw.instances.value {
+    let mut instances: Vec<String> = Vec::with_capacity(listed.len());
+    for address in listed {
         if let Err(why) = host_port(&address.value) {
             problems.at(
                 address,
@@ -499,6 +603,7 @@ fn service_config(
     }
     ServiceConfig {
         name: name.to_owned(),
+        discovery,
         instances,
         load_balancing: raw.load_balancing.unwrap_or(LoadBalancing::RoundRobin),
         health: health_settings(&raw.health_check, Some(base_health), problems),

@@ -47,7 +47,7 @@ pub fn run(path: &Path, upgrade: bool, plugins: PluginRegistry) -> ExitCode {
         config.clone(),
         loaded_bytes,
         plugins,
-        Arc::new(FileSources),
+        Arc::new(FileSources::new()),
     ) {
         Ok(control) => control,
         Err(err) => {
@@ -110,6 +110,7 @@ pub fn run(path: &Path, upgrade: bool, plugins: PluginRegistry) -> ExitCode {
                 current: Arc::clone(&current),
                 upstreams: Arc::new(UpstreamPool::new(options.clone())),
                 docs: Arc::clone(&docs),
+                membership: Arc::clone(control.reloader.membership()),
             })
             .collect(),
         cpus,

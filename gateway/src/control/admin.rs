@@ -150,14 +150,22 @@ async fn config(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
             json!({"prefix": r.prefix, "service": r.service, "strip_prefix": r.strip_prefix, "plugins": plugins})
         })
         .collect();
+    let statuses = reloader.membership().statuses();
     let services: Vec<Value> = snapshot
         .config
         .services
         .iter()
         .map(|s| {
+            let instances: Vec<&str> = snapshot
+                .membership
+                .get(&s.name)
+                .map(|set| set.iter().map(|i| i.address.as_str()).collect())
+                .unwrap_or_default();
             json!({
                 "name": s.name,
-                "instances": s.instances,
+                "discovery": s.discovery.as_str(),
+                "instances": instances,
+                "source": statuses.get(&s.name).map_or(Value::Null, |status| status.to_json()),
             })
         })
         .collect();
@@ -166,6 +174,9 @@ async fn config(State(reloader): State<Arc<Reloader>>) -> axum::Json<Value> {
         "version": snapshot.version,
         "loaded_at": time(snapshot.loaded_at),
         "listen": snapshot.config.listen.to_string(),
+        "registry": snapshot.config.registry.as_ref().map(|r| json!({
+            "etcd": {"endpoints": r.endpoints, "prefix": r.prefix, "cache": r.cache.display().to_string()},
+        })),
         "services": services,
         "routes": routes,
         "last_reload": reloader.last_attempt().as_ref().map(attempt_json),

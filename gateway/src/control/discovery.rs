@@ -20,15 +20,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ServiceConfig};
+use crate::config::{Config, DiscoveryKind, RegistryConfig, ServiceConfig};
+
+pub mod etcd;
 
 /// One instance to send requests to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,6 +40,72 @@ pub struct Instance {
     pub address: String,
     /// Where it resolved.
     pub socket: SocketAddr,
+    pub origin: Origin,
+}
+
+/// Where an instance was found.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Origin {
+    /// `instances` in the file.
+    Static,
+    /// The registry, under this instance id.
+    Registry { id: String },
+}
+
+/// What a source says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStatus {
+    /// `static`, `etcd`, or a custom source's name.
+    pub source: String,
+    /// `live`, `connecting`, `unavailable` (then the set is the last known).
+    pub state: String,
+    /// When the set was last known to be current (`None`: always, for a
+    /// static list).
+    pub synced: Option<SystemTime>,
+    /// The set came from the cache file, not from the source itself.
+    pub from_cache: bool,
+    pub error: Option<String>,
+}
+
+impl SourceStatus {
+    pub fn static_list() -> Self {
+        SourceStatus {
+            source: "static".to_owned(),
+            state: "live".to_owned(),
+            synced: None,
+            from_cache: false,
+            error: None,
+        }
+    }
+
+    /// As `/services` and `/admin/config` show it: the age of the set in
+    /// seconds, 0 while the source is live.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = serde_json::json!({
+            "source": self.source,
+            "state": self.state,
+        });
+        if let Some(synced) = self.synced {
+            let age = if self.state == "live" {
+                0.0
+            } else {
+                SystemTime::now()
+                    .duration_since(synced)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+            };
+            value["data_age_seconds"] = serde_json::json!((age * 10.0).round() / 10.0);
+            value["synced_at"] =
+                serde_json::Value::String(humantime::format_rfc3339_millis(synced).to_string());
+        }
+        if self.from_cache {
+            value["from_cache"] = serde_json::Value::Bool(true);
+        }
+        if let Some(error) = &self.error {
+            value["error"] = serde_json::Value::String(error.clone());
+        }
+        value
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,16 +137,63 @@ pub trait DiscoveryProvider: Send + Sync {
     fn source(&self, service: &ServiceConfig, config: &Config) -> Box<dyn Discovery>;
 }
 
-/// The sources `gateway.yaml` describes (the static lists).
-pub struct FileSources;
+/// The sources `gateway.yaml` describes: the static lists, and the
+/// registry for `discovery: etcd` (one cache file per path, shared by the
+/// services that use it).
+#[derive(Default)]
+pub struct FileSources {
+    caches: Mutex<HashMap<PathBuf, Arc<etcd::Cache>>>,
+}
+
+impl FileSources {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
 
 impl DiscoveryProvider for FileSources {
     fn source(&self, service: &ServiceConfig, config: &Config) -> Box<dyn Discovery> {
-        Box::new(StaticDiscovery::new(
-            &service.name,
-            service.instances.clone(),
-            config.dns_refresh,
-        ))
+        match (service.discovery, &config.registry) {
+            (DiscoveryKind::Etcd, Some(registry)) => {
+                let cache = Arc::clone(
+                    self.caches
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .entry(registry.cache.clone())
+                        .or_insert_with(|| Arc::new(etcd::Cache::open(&registry.cache))),
+                );
+                Box::new(etcd::EtcdDiscovery::new(&service.name, registry, cache))
+            }
+            // Validation refuses `discovery: etcd` without a registry.
+            _ => Box::new(StaticDiscovery::new(
+                &service.name,
+                service.instances.clone(),
+                config.dns_refresh,
+            )),
+        }
+    }
+}
+
+/// What a running source was started for: a change restarts it.
+#[derive(Debug, Clone, PartialEq)]
+struct Settings {
+    discovery: DiscoveryKind,
+    instances: Vec<String>,
+    dns_refresh: Duration,
+    registry: Option<RegistryConfig>,
+}
+
+impl Settings {
+    fn of(service: &ServiceConfig, config: &Config) -> Self {
+        Settings {
+            discovery: service.discovery,
+            instances: service.instances.clone(),
+            dns_refresh: config.dns_refresh,
+            registry: match service.discovery {
+                DiscoveryKind::Etcd => config.registry.clone(),
+                DiscoveryKind::Static => None,
+            },
+        }
     }
 }
 
@@ -94,9 +210,20 @@ pub struct Updates {
     service: String,
     report: watch::Sender<Report>,
     changed: Arc<Notify>,
+    status: Arc<Mutex<SourceStatus>>,
 }
 
 impl Updates {
+    /// The service this source serves.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Says what state the source is in (shown, never acted on).
+    pub fn status(&self, status: SourceStatus) {
+        *self.status.lock().unwrap_or_else(PoisonError::into_inner) = status;
+    }
+
     /// The service's instances are now `instances` (in the order the
     /// source gives them: `/services` shows them so).
     pub fn publish(&self, instances: Vec<Instance>) {
@@ -137,9 +264,9 @@ impl Updates {
 
 /// A running source.
 struct Source {
-    /// The settings it was started for: a change restarts it.
-    settings: (Vec<String>, Duration),
+    settings: Settings,
     report: watch::Receiver<Report>,
+    status: Arc<Mutex<SourceStatus>>,
     task: JoinHandle<()>,
 }
 
@@ -183,7 +310,7 @@ impl Membership {
         {
             let sources = self.lock();
             for service in &config.services {
-                let settings = (service.instances.clone(), config.dns_refresh);
+                let settings = Settings::of(service, config);
                 let running = sources.get(&service.name);
                 if restart || running.is_none_or(|s| s.settings != settings) {
                     started.push((service.name.clone(), self.start(service, config, settings)));
@@ -228,22 +355,34 @@ impl Membership {
         view(&self.lock())
     }
 
+    /// Every running source's status, by service name.
+    pub fn statuses(&self) -> BTreeMap<String, SourceStatus> {
+        self.lock()
+            .iter()
+            .map(|(name, source)| {
+                let status = source.status.lock().unwrap_or_else(PoisonError::into_inner);
+                (name.clone(), status.clone())
+            })
+            .collect()
+    }
+
     /// Waits until a source reports something new.
     pub async fn changed(&self) {
         self.changed.notified().await;
     }
 
-    fn start(
-        &self,
-        service: &ServiceConfig,
-        config: &Config,
-        settings: (Vec<String>, Duration),
-    ) -> Source {
+    fn start(&self, service: &ServiceConfig, config: &Config, settings: Settings) -> Source {
         let (sender, report) = watch::channel(Report::Nothing);
+        let status = Arc::new(Mutex::new(SourceStatus {
+            source: service.discovery.as_str().to_owned(),
+            state: "connecting".to_owned(),
+            ..SourceStatus::static_list()
+        }));
         let updates = Updates {
             service: service.name.clone(),
             report: sender,
             changed: Arc::clone(&self.changed),
+            status: Arc::clone(&status),
         };
         let discovery = self.provider.source(service, config);
         let task = self.runtime.spawn(async move {
@@ -252,6 +391,7 @@ impl Membership {
         Source {
             settings,
             report,
+            status,
             task,
         }
     }
@@ -284,6 +424,18 @@ pub struct SystemResolver;
 impl Resolve for SystemResolver {
     async fn resolve(&self, host_port: &str) -> std::io::Result<Option<SocketAddr>> {
         Ok(tokio::net::lookup_host(host_port).await?.next())
+    }
+}
+
+/// `ip:port` as it is, `host:port` looked up with `resolver`.
+pub async fn resolve_address(resolver: &dyn Resolve, address: &str) -> Result<SocketAddr, String> {
+    match address.parse::<SocketAddr>() {
+        Ok(socket) => Ok(socket),
+        Err(_) => resolver
+            .resolve(address)
+            .await
+            .map_err(|err| format!("cannot resolve {address}: {err}"))?
+            .ok_or_else(|| format!("{address} resolves to no address")),
     }
 }
 
@@ -323,18 +475,13 @@ impl StaticDiscovery {
         };
         let mut instances = Vec::with_capacity(self.addresses.len());
         for address in &self.addresses {
-            let socket = match address.parse::<SocketAddr>() {
-                Ok(socket) => socket,
-                Err(_) => self
-                    .resolver
-                    .resolve(address)
-                    .await
-                    .map_err(|err| fail(format!("cannot resolve {address}: {err}")))?
-                    .ok_or_else(|| fail(format!("{address} resolves to no address")))?,
-            };
+            let socket = resolve_address(&*self.resolver, address)
+                .await
+                .map_err(fail)?;
             instances.push(Instance {
                 address: address.clone(),
                 socket,
+                origin: Origin::Static,
             });
         }
         Ok(instances)
@@ -352,7 +499,10 @@ impl Discovery for StaticDiscovery {
     async fn run(&self, updates: Updates) {
         loop {
             match self.resolve().await {
-                Ok(instances) => updates.publish(instances),
+                Ok(instances) => {
+                    updates.status(SourceStatus::static_list());
+                    updates.publish(instances);
+                }
                 Err(error) => updates.fail(error.reason),
             }
             if !self.has_names() {

@@ -138,6 +138,11 @@ impl Reloader {
         &self.path
     }
 
+    /// The discovery sources and their sets.
+    pub fn membership(&self) -> &Arc<Membership> {
+        &self.membership
+    }
+
     pub fn current(&self) -> &CurrentSnapshot {
         &self.current
     }

@@ -67,6 +67,7 @@ impl Discovery for PushedSource {
                     .map(|socket| Instance {
                         address: socket.to_string(),
                         socket,
+                        origin: crate::control::discovery::Origin::Static,
                     })
                     .collect(),
             );

@@ -220,6 +220,7 @@ mod tests {
     fn service(when_all_unhealthy: AllUnhealthy) -> ServiceConfig {
         ServiceConfig {
             name: "svc".into(),
+            discovery: gateway_config::DiscoveryKind::Static,
             instances: Vec::new(),
             load_balancing: LoadBalancing::RoundRobin,
             health: HealthSettings {

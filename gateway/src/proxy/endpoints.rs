@@ -5,6 +5,9 @@
 use bytes::Bytes;
 use serde_json::{Value, json};
 
+use std::collections::BTreeMap;
+
+use crate::control::discovery::{Membership, Origin, SourceStatus};
 use crate::control::snapshot::Snapshot;
 
 /// An endpoint the gateway answers itself.
@@ -38,10 +41,10 @@ impl Endpoint {
     }
 
     /// The JSON body of `/health` or `/services`.
-    pub fn body(self, snapshot: &Snapshot) -> Bytes {
+    pub fn body(self, snapshot: &Snapshot, membership: &Membership) -> Bytes {
         let value = match self {
             Endpoint::Health => health(snapshot),
-            _ => services(snapshot),
+            _ => services(snapshot, &membership.statuses()),
         };
         Bytes::from(value.to_string())
     }
@@ -66,23 +69,35 @@ fn health(snapshot: &Snapshot) -> Value {
     })
 }
 
-/// Every service with its first instance as `url` (the original shape) and
-/// every instance with its own state.
-fn services(snapshot: &Snapshot) -> Value {
+/// Every service with its first instance as `url` (the original shape),
+/// where its instances come from (`discovery`: the source, its state, the
+/// age of the set) and every instance with its own state and origin.
+fn services(snapshot: &Snapshot, statuses: &BTreeMap<String, SourceStatus>) -> Value {
     let services: Vec<Value> = snapshot
         .upstreams
         .iter()
         .map(|upstream| {
+            let members = snapshot.membership.get(&upstream.name);
             let instances: Vec<Value> = upstream
                 .instances
                 .iter()
                 .map(|instance| {
                     let view = instance.view();
+                    let origin = members
+                        .and_then(|set| set.iter().find(|i| i.socket == instance.socket))
+                        .map(|i| &i.origin);
                     let mut entry = json!({
                         "address": instance.address,
                         "healthy": instance.is_ready(),
                         "status": view.status.as_str(),
+                        "source": match origin {
+                            Some(Origin::Registry { .. }) => "registry",
+                            _ => "static",
+                        },
                     });
+                    if let Some(Origin::Registry { id }) = origin {
+                        entry["id"] = Value::String(id.clone());
+                    }
                     if let Some(error) = view.last_error {
                         entry["last_error"] = Value::String(error);
                     }
@@ -93,6 +108,7 @@ fn services(snapshot: &Snapshot) -> Value {
                 "name": upstream.name,
                 "url": upstream.instances.first().map(|i| format!("http://{}", i.address)),
                 "healthy": upstream.any_ready(),
+                "discovery": statuses.get(&upstream.name).map_or(Value::Null, SourceStatus::to_json),
                 "instances": instances,
             })
         })

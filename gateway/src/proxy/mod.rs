@@ -63,6 +63,8 @@ pub struct Gateway {
     pub upstreams: Arc<UpstreamPool>,
     /// The merged API document (`api_docs`).
     pub docs: Arc<ApiDocs>,
+    /// The discovery sources, whose state `/services` shows.
+    pub membership: Arc<crate::control::discovery::Membership>,
 }
 
 /// What is left to do with the client connection after a request.
@@ -239,7 +241,7 @@ impl Gateway {
         let mut status = http::StatusCode::OK;
         let mut extra = Vec::new();
         let body = match endpoint {
-            Endpoint::Health | Endpoint::Services => endpoint.body(ctx.snapshot),
+            Endpoint::Health | Endpoint::Services => endpoint.body(ctx.snapshot, &self.membership),
             Endpoint::ApiDocument => self.docs.document(ctx.snapshot).await,
             Endpoint::ApiPage => {
                 let Some(settings) = &ctx.snapshot.config.api_docs else {

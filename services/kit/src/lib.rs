@@ -17,6 +17,8 @@
 //!   event consumers that apply each event once.
 //! - [`fault`]: the crash tests' fault injection.
 //! - [`metrics`]: the service's Prometheus metrics (`GET /metrics`).
+//! - [`registration`]: `--registry`/`--advertise`, and keeping the
+//!   instance registered in etcd while it serves.
 //! - [`trace`]: the request id and trace context work carries, and passes
 //!   on to the services it calls.
 //! - [`testing`]: calling a router in-process from tests.
@@ -33,6 +35,7 @@ pub mod money;
 pub mod number;
 pub mod openapi;
 pub mod page;
+pub mod registration;
 pub mod serve;
 pub mod testing;
 pub mod trace;

@@ -17,6 +17,7 @@ use utoipa_axum::routes;
 
 use crate::AppError;
 use crate::db::Db;
+use crate::registration::RegistryPlan;
 
 /// Largest request body a service reads; larger ones get a 413. The services
 /// take small JSON documents; a megabyte is far more than any of them needs.
@@ -289,16 +290,34 @@ pub async fn shutdown_signal() {
 }
 
 /// The whole life of a service binary after its settings are parsed: bind,
-/// announce, serve until a signal, shut down gracefully.
+/// announce (and register, with `registry`), serve until a signal, then
+/// deregister, wait the deregister delay, and shut down gracefully.
 pub async fn serve_until_signal(
     service: &'static str,
     addr: SocketAddr,
     app: Router,
+    registry: Option<&RegistryPlan>,
 ) -> std::io::Result<()> {
     let listener = bind(addr).await?;
     let local = listener.local_addr()?;
+    let registration = match registry {
+        Some(plan) => {
+            let address = plan.advertised(local).map_err(std::io::Error::other)?;
+            Some((plan.register(service, address), plan.deregister_delay))
+        }
+        None => None,
+    };
     tracing::info!("{service} listening on http://{local}");
-    run(listener, app, shutdown_signal()).await?;
+    let shutdown = async move {
+        shutdown_signal().await;
+        if let Some((registration, delay)) = registration {
+            // Out of the registry first: gateways stop picking this
+            // instance while it still answers.
+            registration.deregister().await;
+            tokio::time::sleep(delay).await;
+        }
+    };
+    run(listener, app, shutdown).await?;
     tracing::info!("{service} stopped");
     Ok(())
 }
@@ -310,6 +329,7 @@ pub async fn serve_until_signal(
 pub async fn service_main(
     service: &'static str,
     listen: SocketAddr,
+    registry: Option<&RegistryPlan>,
     db: Result<Db, crate::db::DbError>,
     build_app: impl FnOnce(Db) -> Router,
 ) -> std::process::ExitCode {
@@ -329,7 +349,7 @@ pub async fn service_main(
             return ExitCode::FAILURE;
         }
     };
-    let served = serve_until_signal(service, listen, build_app(db.clone())).await;
+    let served = serve_until_signal(service, listen, build_app(db.clone()), registry).await;
     db.close().await;
     // The exporter's thread blocks while it sends what is left.
     let _ = tokio::task::spawn_blocking(telemetry::export::shutdown).await;

@@ -1,15 +1,22 @@
 //! The order service's calls to user-service and product-service.
 //!
 //! One `reqwest::Client` for the life of the process (pooled keep-alive
-//! connections, connect and total timeouts), never one per request. Every
+//! connections, connect and total timeouts), never one per request. Each
+//! dependency is one base URL (`--users-url`, `--products-url`) or, with
+//! `--registry`, the instances registered in etcd: round robin over them,
+//! moving on to the next when one cannot be connected to (nothing reached
+//! it, so any call is safe to send elsewhere; reservations are idempotent
+//! by id besides). Every
 //! failure to reach a dependency is a 503 that names it; answers the client
 //! must see (user not found, product not found, insufficient stock) are
 //! passed on with their status and detail.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use product_service::api::{ItemRequest, Reservation, ReserveRequest};
+use registry::{Follower, RoundRobin};
 use service_kit::AppError;
 
 /// Time to establish a connection to a dependency on the local network; a
@@ -41,12 +48,90 @@ pub enum DependencyError {
     Client(reqwest::Error),
 }
 
+fn client() -> Result<reqwest::Client, DependencyError> {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build()
+        .map_err(DependencyError::Client)
+}
+
 /// Where the user and product services are, and the client that calls them.
 #[derive(Clone, Debug)]
 pub struct Dependencies {
     http: reqwest::Client,
-    users_url: String,
-    products_url: String,
+    users: Target,
+    products: Target,
+}
+
+/// Where one dependency is.
+#[derive(Clone)]
+enum Target {
+    /// One base URL.
+    Fixed(String),
+    /// The instances registered in etcd, in turn.
+    Registry {
+        service: &'static str,
+        instances: Arc<RoundRobin>,
+        /// Keeps the registry followed while the target lives.
+        _follower: Arc<Follower>,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Fixed(url) => write!(f, "{url}"),
+            Target::Registry { service, .. } => write!(f, "registry:{service}"),
+        }
+    }
+}
+
+impl Target {
+    fn registry(endpoints: &[String], prefix: &str, service: &'static str) -> Self {
+        let follower = Follower::start(endpoints.to_vec(), prefix, service);
+        Target::Registry {
+            service,
+            instances: Arc::new(RoundRobin::new(follower.view())),
+            _follower: Arc::new(follower),
+        }
+    }
+
+    /// Base URLs to try, in order.
+    fn bases(&self) -> Vec<String> {
+        match self {
+            Target::Fixed(url) => vec![url.clone()],
+            Target::Registry { instances, .. } => instances
+                .candidates()
+                .into_iter()
+                .map(|address| format!("http://{address}"))
+                .collect(),
+        }
+    }
+}
+
+/// A call that got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("no instance is registered")]
+    NoInstance,
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+}
+
+impl CallError {
+    /// Nothing reached the dependency.
+    fn is_connect(&self) -> bool {
+        match self {
+            CallError::NoInstance => true,
+            CallError::Http(err) => err.is_connect(),
+        }
+    }
+
+    fn is_timeout(&self) -> bool {
+        matches!(self, CallError::Http(err) if err.is_timeout())
+    }
 }
 
 impl Dependencies {
@@ -67,26 +152,54 @@ impl Dependencies {
             }
             Ok(url.trim_end_matches('/').to_owned())
         };
-        let users_url = base("users", users_url)?;
-        let products_url = base("products", products_url)?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build()
-            .map_err(DependencyError::Client)?;
+        let users = Target::Fixed(base("users", users_url)?);
+        let products = Target::Fixed(base("products", products_url)?);
         Ok(Self {
-            http,
-            users_url,
-            products_url,
+            http: client()?,
+            users,
+            products,
         })
+    }
+
+    /// user-service and product-service as registered in etcd at
+    /// `endpoints` under `prefix` (followed live from now on).
+    pub fn from_registry(endpoints: &[String], prefix: &str) -> Result<Self, DependencyError> {
+        Ok(Self {
+            http: client()?,
+            users: Target::registry(endpoints, prefix, "user-service"),
+            products: Target::registry(endpoints, prefix, "product-service"),
+        })
+    }
+
+    /// Sends the request `build` makes for a base URL of `target`, trying
+    /// the next instance while one cannot be connected to.
+    async fn call(
+        &self,
+        target: &Target,
+        name: &'static str,
+        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CallError> {
+        let mut last = CallError::NoInstance;
+        for base in target.bases() {
+            match send(build(&self.http, &base), name).await {
+                Ok(response) => return Ok(response),
+                Err(err) if err.is_connect() => {
+                    tracing::debug!(%base, error = %err, "cannot connect: trying the next instance");
+                    last = CallError::Http(err);
+                }
+                Err(err) => return Err(CallError::Http(err)),
+            }
+        }
+        Err(last)
     }
 
     /// Ok if the user exists; 404 `User not found`; 503 if user-service
     /// cannot answer.
     pub async fn check_user(&self, user_id: i64) -> Result<(), AppError> {
-        let url = format!("{}/users/{user_id}", self.users_url);
-        let response = send(self.http.get(&url), "GET user-service /users/{id}")
+        let response = self
+            .call(&self.users, "GET user-service /users/{id}", |http, base| {
+                http.get(format!("{base}/users/{user_id}"))
+            })
             .await
             .map_err(|err| unreachable("User service", &err))?;
         match response.status() {
@@ -108,17 +221,18 @@ impl Dependencies {
         reservation_id: &str,
         items: &[ItemRequest],
     ) -> Result<Reservation, Refused> {
-        let url = format!("{}/reservations", self.products_url);
         let body = ReserveRequest {
             id: Some(reservation_id.to_owned()),
             items: items.to_vec(),
         };
         let unknown = |error: AppError, released: bool| Refused::Unknown { error, released };
-        let response = match send(
-            self.http.post(&url).json(&body),
-            "POST product-service /reservations",
-        )
-        .await
+        let response = match self
+            .call(
+                &self.products,
+                "POST product-service /reservations",
+                |http, base| http.post(format!("{base}/reservations")).json(&body),
+            )
+            .await
         {
             Ok(response) => response,
             Err(err) if err.is_connect() => {
@@ -137,7 +251,10 @@ impl Dependencies {
                 Ok(reservation) => Ok(reservation),
                 Err(err) => {
                     let released = self.release(reservation_id).await;
-                    Err(unknown(unreachable("Product service", &err), released))
+                    Err(unknown(
+                        unreachable("Product service", &err.into()),
+                        released,
+                    ))
                 }
             };
         }
@@ -161,16 +278,14 @@ impl Dependencies {
     /// Confirms a held reservation (the order is placed; the hold no longer
     /// expires). `Ok(false)`: it was released or expired first.
     pub async fn confirm(&self, reservation_id: &str) -> Result<bool, AppError> {
-        let url = format!(
-            "{}/reservations/{reservation_id}/confirm",
-            self.products_url
-        );
-        let response = send(
-            self.http.post(&url),
-            "POST product-service /reservations/{id}/confirm",
-        )
-        .await
-        .map_err(|err| unreachable("Product service", &err))?;
+        let response = self
+            .call(
+                &self.products,
+                "POST product-service /reservations/{id}/confirm",
+                |http, base| http.post(format!("{base}/reservations/{reservation_id}/confirm")),
+            )
+            .await
+            .map_err(|err| unreachable("Product service", &err))?;
         match response.status() {
             s if s.is_success() => Ok(true),
             StatusCode::CONFLICT | StatusCode::NOT_FOUND => Ok(false),
@@ -181,19 +296,20 @@ impl Dependencies {
     /// The reservation as product-service has it; `None` if it never saw
     /// the id.
     pub async fn reservation(&self, reservation_id: &str) -> Result<Option<Reservation>, AppError> {
-        let url = format!("{}/reservations/{reservation_id}", self.products_url);
-        let response = send(
-            self.http.get(&url),
-            "GET product-service /reservations/{id}",
-        )
-        .await
-        .map_err(|err| unreachable("Product service", &err))?;
+        let response = self
+            .call(
+                &self.products,
+                "GET product-service /reservations/{id}",
+                |http, base| http.get(format!("{base}/reservations/{reservation_id}")),
+            )
+            .await
+            .map_err(|err| unreachable("Product service", &err))?;
         match response.status() {
             s if s.is_success() => response
                 .json::<Reservation>()
                 .await
                 .map(Some)
-                .map_err(|err| unreachable("Product service", &err)),
+                .map_err(|err| unreachable("Product service", &err.into())),
             StatusCode::NOT_FOUND => Ok(None),
             other => Err(bad_answer("Product service", other)),
         }
@@ -204,14 +320,11 @@ impl Dependencies {
     /// unreachable the order stays pending and recovery releases it later
     /// (releasing is idempotent).
     pub async fn release(&self, reservation_id: &str) -> bool {
-        let url = format!(
-            "{}/reservations/{reservation_id}/release",
-            self.products_url
-        );
         for attempt in 1..=RELEASE_ATTEMPTS {
-            let call = send(
-                self.http.post(&url),
+            let call = self.call(
+                &self.products,
                 "POST product-service /reservations/{id}/release",
+                |http, base| http.post(format!("{base}/reservations/{reservation_id}/release")),
             );
             match call.await {
                 Ok(response) if response.status().is_success() => return true,
@@ -283,7 +396,7 @@ async fn send(
     response
 }
 
-fn unreachable(dependency: &str, err: &reqwest::Error) -> AppError {
+fn unreachable(dependency: &str, err: &CallError) -> AppError {
     tracing::warn!(error = %err, "{dependency} unreachable");
     let why = if err.is_timeout() {
         "timed out"

@@ -24,10 +24,11 @@ struct Settings {
     /// names in every process).
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: telemetry::log::LogFormat,
-    /// Base URL of user-service.
+    /// Base URL of user-service (not used with --registry: the registered
+    /// instances are).
     #[arg(long, env = "USERS_URL", default_value = "http://127.0.0.1:8001")]
     users_url: String,
-    /// Base URL of product-service.
+    /// Base URL of product-service (not used with --registry).
     #[arg(long, env = "PRODUCTS_URL", default_value = "http://127.0.0.1:8002")]
     products_url: String,
     /// NATS server with JetStream for the order events (e.g.
@@ -43,13 +44,28 @@ struct Settings {
     /// How often recovery looks for interrupted orders.
     #[arg(long, env = "RECOVERY_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
     recovery_interval: Duration,
+    /// Registration in etcd.
+    #[command(flatten)]
+    registry: service_kit::registration::RegistryArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
     service_kit::serve::init_tracing(SERVICE_NAME, settings.log_format);
-    let deps = match Dependencies::new(&settings.users_url, &settings.products_url) {
+    let registry = match settings.registry.plan() {
+        Ok(plan) => plan,
+        Err(err) => {
+            tracing::error!("{SERVICE_NAME}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let deps = match &registry {
+        // With a registry the instances come from there, not from the URLs.
+        Some(plan) => Dependencies::from_registry(plan.endpoints(), plan.prefix()),
+        None => Dependencies::new(&settings.users_url, &settings.products_url),
+    };
+    let deps = match deps {
         Ok(deps) => deps,
         Err(err) => {
             tracing::error!("{SERVICE_NAME}: {err}");
@@ -71,7 +87,7 @@ async fn main() -> ExitCode {
         every: settings.recovery_interval,
     };
     let db = open_db(&settings.db).await;
-    service_kit::serve::service_main(SERVICE_NAME, settings.listen, db, |db| {
+    service_kit::serve::service_main(SERVICE_NAME, settings.listen, registry.as_ref(), db, |db| {
         let mut state = AppState::new(db, deps);
         start_background(&mut state, broker, recovery);
         app(state)

@@ -31,12 +31,22 @@ struct Settings {
     /// (e.g. 5m, 30s).
     #[arg(long, env = "RESERVATION_HOLD", value_parser = humantime::parse_duration, default_value = "5m")]
     reservation_hold: Duration,
+    /// Registration in etcd.
+    #[command(flatten)]
+    registry: service_kit::registration::RegistryArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
     service_kit::serve::init_tracing(SERVICE_NAME, settings.log_format);
+    let registry = match settings.registry.plan() {
+        Ok(plan) => plan,
+        Err(err) => {
+            tracing::error!("{SERVICE_NAME}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let broker = match &settings.broker {
         Some(url) => match service_kit::events::Broker::connect(url).await {
             Ok(broker) => Some(broker),
@@ -48,7 +58,7 @@ async fn main() -> ExitCode {
         None => None,
     };
     let db = open_db(&settings.db).await;
-    service_kit::serve::service_main(SERVICE_NAME, settings.listen, db, |db| {
+    service_kit::serve::service_main(SERVICE_NAME, settings.listen, registry.as_ref(), db, |db| {
         let mut state = AppState::new(db);
         state.hold = settings.reservation_hold;
         start_background(&mut state, broker);

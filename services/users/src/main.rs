@@ -21,13 +21,25 @@ struct Settings {
     /// names in every process).
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: telemetry::log::LogFormat,
+    /// Registration in etcd.
+    #[command(flatten)]
+    registry: service_kit::registration::RegistryArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
     service_kit::serve::init_tracing(SERVICE_NAME, settings.log_format);
+    let registry = match settings.registry.plan() {
+        Ok(plan) => plan,
+        Err(err) => {
+            tracing::error!("{SERVICE_NAME}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let db = open_db(&settings.db).await;
-    service_kit::serve::service_main(SERVICE_NAME, settings.listen, db, |db| app(AppState { db }))
-        .await
+    service_kit::serve::service_main(SERVICE_NAME, settings.listen, registry.as_ref(), db, |db| {
+        app(AppState { db })
+    })
+    .await
 }

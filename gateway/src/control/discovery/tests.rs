@@ -13,6 +13,7 @@ fn updates() -> (Updates, watch::Receiver<Report>, Arc<Notify>) {
         service: "s".into(),
         report: sender,
         changed: Arc::clone(&changed),
+        status: Arc::new(Mutex::new(SourceStatus::static_list())),
     };
     (updates, receiver, changed)
 }
@@ -143,6 +144,7 @@ impl TestSources {
             .map(|port| Instance {
                 address: format!("127.0.0.1:{port}"),
                 socket: ([127, 0, 0, 1], *port).into(),
+                origin: Origin::Static,
             })
             .collect();
         self.sender(name).send_replace(Some(set));
