@@ -154,6 +154,21 @@ impl ChildService {
         Ok(ChildService { addr, child })
     }
 
+    /// Sends SIGTERM (a graceful stop) and waits up to `limit` for the
+    /// exit; its status.
+    pub async fn terminate(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let pid = i32::try_from(self.child.id()?).ok()?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .ok()?;
+        self.exited(limit).await
+    }
+
     /// Stops the child with SIGKILL and waits for it.
     pub async fn kill(mut self) -> std::io::Result<()> {
         self.child.kill().await
