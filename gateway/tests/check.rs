@@ -162,3 +162,39 @@ fn a_public_admin_listener_without_a_token_is_refused() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The registry configurations are the static ones with `discovery: etcd`:
+/// same routes, same services and settings.
+#[test]
+fn the_registry_configurations_do_not_drift_from_the_static_ones() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let load = |path: &str| {
+        gateway::config::load(std::path::Path::new(&format!("{root}/{path}"))).unwrap()
+    };
+    for (fixed, registry) in [
+        ("gateway.yaml", "gateway.registry.yaml"),
+        (
+            "deploy/gateway.compose.yaml",
+            "deploy/gateway.compose.registry.yaml",
+        ),
+    ] {
+        let (fixed, registry) = (load(fixed), load(registry));
+        assert_eq!(fixed.routes, registry.routes);
+        assert_eq!(fixed.listen, registry.listen);
+        assert!(registry.registry.is_some());
+        assert_eq!(fixed.services.len(), registry.services.len());
+        for (f, r) in fixed.services.iter().zip(&registry.services) {
+            assert_eq!(
+                r.discovery,
+                gateway::config::DiscoveryKind::Etcd,
+                "{}",
+                r.name
+            );
+            assert!(r.instances.is_empty());
+            assert_eq!(
+                (&f.name, f.load_balancing, &f.health, f.timeouts, f.retries),
+                (&r.name, r.load_balancing, &r.health, r.timeouts, r.retries),
+            );
+        }
+    }
+}

@@ -8,6 +8,13 @@
 //! Ctrl-C or SIGTERM stops them all gracefully (gateway first, so no new
 //! requests arrive while the services drain).
 //!
+//! With a registry ([`RegistryOptions`], `stack --registry`), a local etcd
+//! starts first (data in `data/etcd`), every service registers in it, and
+//! services on `discovery: etcd` run as many instances as `--scale` says,
+//! on free ports; `stack add SERVICE [COUNT]` then starts more instances
+//! of one of them beside a running stack, which join live and leave when
+//! it stops ([`Options::add`]).
+//!
 //! A child that dies is reported loudly and restarted after a pause: in
 //! development a crash should be visible but should not take the rest of
 //! the system down (the gateway keeps serving from the other instances).
@@ -15,13 +22,13 @@
 //! [`CRASH_LOOP_WINDOW`]) is a configuration problem, not bad luck: the
 //! launcher then stops everything and exits with status 1.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use gateway_config::Config;
+use gateway_config::{Config, DiscoveryKind};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -47,6 +54,42 @@ pub struct Options {
     pub ready_timeout: Duration,
     /// The local message broker for the order events, if any.
     pub broker: Option<BrokerOptions>,
+    /// The local registry, if any.
+    pub registry: Option<RegistryOptions>,
+    /// Instances of each `discovery: etcd` service (default: 2 of
+    /// product-service, 1 of the others).
+    pub scale: BTreeMap<String, usize>,
+    /// Only this many more instances of this service, beside a running
+    /// stack (`stack add`): no etcd, broker or gateway of its own.
+    pub add: Option<(String, usize)>,
+}
+
+/// A local etcd, started first, its data in `data/etcd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryOptions {
+    /// Client port (etcd's usual 2379).
+    pub port: u16,
+    /// Peer port (2380).
+    pub peer_port: u16,
+}
+
+impl RegistryOptions {
+    /// As the services' `--registry` takes it.
+    pub fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Instances of a `discovery: etcd` service when `--scale` does not say.
+fn default_scale(service: &str) -> usize {
+    if service == "product-service" { 2 } else { 1 }
+}
+
+/// A free loopback port, for an instance the registry will announce.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A local `nats-server` with JetStream, started first, its store in
@@ -102,6 +145,14 @@ pub enum PlanError {
         "port {port} ({label}) is already in use: stop what listens there or change gateway.yaml"
     )]
     PortInUse { port: u16, label: String },
+    #[error(
+        "service {0} is on discovery: etcd: run with --registry (scripts/run.sh --registry), or use a configuration with static instances"
+    )]
+    NeedsRegistry(String),
+    #[error("stack add: {0}")]
+    Add(String),
+    #[error("cannot pick a free port: {0}")]
+    Port(std::io::Error),
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -143,7 +194,53 @@ pub fn plan(config: &Config, options: &Options) -> Result<Vec<ProcessSpec>, Plan
     let mut services: Vec<_> = config.services.iter().collect();
     services.sort_by_key(|s| s.name == "order-service");
     let mut specs = Vec::new();
-    if let Some(broker) = options.broker {
+    if let Some((name, _)) = &options.add {
+        match config.service(name) {
+            None => {
+                return Err(PlanError::Add(format!(
+                    "{name} is not a service of {}",
+                    options.config.display()
+                )));
+            }
+            Some(s) if s.discovery != DiscoveryKind::Etcd => {
+                return Err(PlanError::Add(format!(
+                    "{name} is not on discovery: etcd in {}",
+                    options.config.display()
+                )));
+            }
+            Some(_) if options.registry.is_none() => {
+                return Err(PlanError::Add("needs the registry".to_owned()));
+            }
+            Some(_) => {}
+        }
+    }
+    let whole_stack = options.add.is_none();
+    if let (Some(registry), true) = (options.registry, whole_stack) {
+        let data = options.data_dir.join("etcd");
+        let client = format!("http://127.0.0.1:{}", registry.port);
+        let peer = format!("http://127.0.0.1:{}", registry.peer_port);
+        specs.push(ProcessSpec {
+            label: "etcd".to_owned(),
+            binary: in_path("etcd"),
+            args: vec![
+                "--name=stack".to_owned(),
+                format!("--data-dir={}", data.display()),
+                format!("--listen-client-urls={client}"),
+                format!("--advertise-client-urls={client}"),
+                format!("--listen-peer-urls={peer}"),
+                format!("--initial-advertise-peer-urls={peer}"),
+                format!("--initial-cluster=stack={peer}"),
+                "--logger=zap".to_owned(),
+                "--log-level=warn".to_owned(),
+            ],
+            listen: vec![
+                SocketAddr::from(([127, 0, 0, 1], registry.port)),
+                SocketAddr::from(([127, 0, 0, 1], registry.peer_port)),
+            ],
+            health_url: format!("{client}/health"),
+        });
+    }
+    if let (Some(broker), true) = (options.broker, whole_stack) {
         let store = options.data_dir.join("nats");
         specs.push(ProcessSpec {
             label: "nats".to_owned(),
@@ -167,15 +264,31 @@ pub fn plan(config: &Config, options: &Options) -> Result<Vec<ProcessSpec>, Plan
         });
     }
     for service in services {
-        for (index, address) in service.instances.iter().enumerate() {
+        let addresses: Vec<String> = match (&options.add, service.discovery) {
+            (Some((name, _)), _) if *name != service.name => continue,
+            (Some((_, count)), _) => free_ports(*count)?,
+            (None, DiscoveryKind::Static) => service.instances.clone(),
+            (None, DiscoveryKind::Etcd) => {
+                if options.registry.is_none() {
+                    return Err(PlanError::NeedsRegistry(service.name.clone()));
+                }
+                let count = options
+                    .scale
+                    .get(&service.name)
+                    .copied()
+                    .unwrap_or_else(|| default_scale(&service.name));
+                free_ports(count)?
+            }
+        };
+        for (index, address) in addresses.iter().enumerate() {
             let listen: SocketAddr = address.parse().map_err(|_| PlanError::NotLocal {
                 service: service.name.clone(),
                 address: address.clone(),
             })?;
-            let label = if index == 0 {
-                service.name.clone()
-            } else {
-                format!("{}-{}", service.name, index + 1)
+            let label = match (&options.add, index) {
+                (Some(_), _) => format!("{}+{}", service.name, index + 1),
+                (None, 0) => service.name.clone(),
+                (None, _) => format!("{}-{}", service.name, index + 1),
             };
             let mut args = vec![
                 "--listen".to_owned(),
@@ -190,7 +303,11 @@ pub fn plan(config: &Config, options: &Options) -> Result<Vec<ProcessSpec>, Plan
             {
                 args.extend(["--broker".to_owned(), broker.url()]);
             }
-            if service.name == "order-service" {
+            if let Some(registry) = options.registry {
+                // Every instance registers; order-service finds the
+                // others there too.
+                args.extend(["--registry".to_owned(), registry.url()]);
+            } else if service.name == "order-service" {
                 for (flag, dependency) in [
                     ("--users-url", "user-service"),
                     ("--products-url", "product-service"),
@@ -209,16 +326,29 @@ pub fn plan(config: &Config, options: &Options) -> Result<Vec<ProcessSpec>, Plan
             });
         }
     }
-    let mut gateway_listen = vec![config.listen];
-    gateway_listen.extend(config.admin_listen);
-    specs.push(ProcessSpec {
-        label: "gateway".to_owned(),
-        binary: options.bin_dir.join("gateway"),
-        args: vec!["--config".to_owned(), options.config.display().to_string()],
-        listen: gateway_listen,
-        health_url: format!("http://{}/health", reachable(config.listen)),
-    });
+    if whole_stack {
+        let mut gateway_listen = vec![config.listen];
+        gateway_listen.extend(config.admin_listen);
+        specs.push(ProcessSpec {
+            label: "gateway".to_owned(),
+            binary: options.bin_dir.join("gateway"),
+            args: vec!["--config".to_owned(), options.config.display().to_string()],
+            listen: gateway_listen,
+            health_url: format!("http://{}/health", reachable(config.listen)),
+        });
+    }
     Ok(specs)
+}
+
+/// `count` free loopback addresses.
+fn free_ports(count: usize) -> Result<Vec<String>, PlanError> {
+    (0..count)
+        .map(|_| {
+            free_port()
+                .map(|port| format!("127.0.0.1:{port}"))
+                .map_err(PlanError::Port)
+        })
+        .collect()
 }
 
 /// Fails with the first missing binary or busy port.
@@ -486,7 +616,7 @@ pub async fn run(options: Options) -> ExitCode {
             deaths: VecDeque::new(),
             alive: true,
         });
-        let is_gateway = index + 1 == specs.len();
+        let is_gateway = spec.label == "gateway";
         let limit = if is_gateway {
             options.ready_timeout
         } else {
@@ -514,7 +644,13 @@ pub async fn run(options: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    println!("{}", banner(&config, &specs, &running));
+    if options.add.is_some() {
+        println!(
+            "\nstack add: every instance is up and registered; Ctrl-C stops them (they leave the registry first)\n"
+        );
+    } else {
+        println!("{}", banner(&config, &specs, &running));
+    }
 
     loop {
         tokio::select! {
@@ -567,5 +703,79 @@ pub async fn run(options: Options) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+    use super::*;
+
+    fn options(add: Option<(&str, usize)>) -> Options {
+        Options {
+            config: PathBuf::from("gateway.registry.yaml"),
+            data_dir: PathBuf::from("data"),
+            bin_dir: PathBuf::from("bin"),
+            ready_timeout: Duration::from_secs(1),
+            broker: None,
+            registry: Some(RegistryOptions {
+                port: 2379,
+                peer_port: 2380,
+            }),
+            scale: BTreeMap::from([("user-service".to_owned(), 3)]),
+            add: add.map(|(s, n)| (s.to_owned(), n)),
+        }
+    }
+
+    fn registry_config() -> Config {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway.registry.yaml"),
+        )
+        .unwrap();
+        gateway_config::parse(&text, "gateway.registry.yaml").unwrap()
+    }
+
+    #[test]
+    fn with_a_registry_etcd_starts_first_and_every_instance_registers() {
+        let specs = plan(&registry_config(), &options(None)).unwrap();
+        let labels: Vec<&str> = specs.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "etcd",
+                "product-service",
+                "product-service-2",
+                "user-service",
+                "user-service-2",
+                "user-service-3",
+                "order-service",
+                "gateway"
+            ]
+        );
+        for spec in &specs[1..specs.len() - 1] {
+            assert!(
+                spec.args
+                    .windows(2)
+                    .any(|w| w == ["--registry", "etcd://127.0.0.1:2379"]),
+                "{spec:?}"
+            );
+            assert!(!spec.args.iter().any(|a| a.ends_with("-url")), "{spec:?}");
+        }
+        // Without --registry such a table is refused, with the reason.
+        let mut without = options(None);
+        without.registry = None;
+        let err = plan(&registry_config(), &without).unwrap_err();
+        assert!(err.to_string().contains("--registry"), "{err}");
+    }
+
+    #[test]
+    fn add_starts_only_the_extra_instances() {
+        let specs = plan(&registry_config(), &options(Some(("product-service", 2)))).unwrap();
+        let labels: Vec<&str> = specs.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["product-service+1", "product-service+2"]);
+        assert_ne!(specs[0].listen, specs[1].listen);
+        let err = plan(&registry_config(), &options(Some(("nope", 1)))).unwrap_err();
+        assert!(err.to_string().contains("not a service"), "{err}");
     }
 }

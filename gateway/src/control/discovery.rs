@@ -85,16 +85,15 @@ impl SourceStatus {
             "source": self.source,
             "state": self.state,
         });
-        if let Some(synced) = self.synced {
-            let age = if self.state == "live" {
-                0.0
-            } else {
-                SystemTime::now()
-                    .duration_since(synced)
-                    .unwrap_or_default()
-                    .as_secs_f64()
-            };
+        if self.state == "live" {
+            value["data_age_seconds"] = serde_json::json!(0);
+        } else if let Some(synced) = self.synced {
+            let age = SystemTime::now()
+                .duration_since(synced)
+                .unwrap_or_default()
+                .as_secs_f64();
             value["data_age_seconds"] = serde_json::json!((age * 10.0).round() / 10.0);
+            // The last moment the set was known to be current.
             value["synced_at"] =
                 serde_json::Value::String(humantime::format_rfc3339_millis(synced).to_string());
         }
