@@ -66,6 +66,8 @@ pub struct Metrics {
     reloads: IntCounterVec,
     pub upstream_healthy: IntGaugeVec,
     pub upstream_ejected: IntGaugeVec,
+    pub discovery_up: IntGaugeVec,
+    pub discovery_data_age: IntGaugeVec,
     pub connections_open: IntGauge,
     pub requests_in_flight: IntGauge,
     pub config_version: IntGauge,
@@ -172,6 +174,18 @@ impl Metrics {
                 "gateway_upstream_ejected",
                 "1 while the instance is out of rotation after failed requests.",
                 &["service", "instance"],
+            ),
+            discovery_up: gauge_vec(
+                &registry,
+                "gateway_discovery_up",
+                "1 while the service's instance source (static list, etcd) answers; 0 while the last known set is served.",
+                &["service", "source"],
+            ),
+            discovery_data_age: gauge_vec(
+                &registry,
+                "gateway_discovery_data_age_seconds",
+                "How old the service's instance set may be: 0 while its source answers.",
+                &["service", "source"],
             ),
             connections_open: gauge(
                 &registry,

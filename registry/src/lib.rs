@@ -26,6 +26,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 mod round_robin;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use round_robin::RoundRobin;

@@ -22,16 +22,7 @@ const STACK: &str = env!("CARGO_BIN_EXE_stack");
 const TTL: Duration = Duration::from_secs(2);
 
 fn binary(name: &str) -> String {
-    let path = Path::new(STACK).with_file_name(name);
-    if !path.is_file() {
-        // `cargo test --workspace` builds every binary; `-p stack` may not.
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--bins", "-p", name])
-            .status()
-            .unwrap();
-        assert!(status.success(), "cannot build {name}");
-    }
-    path.display().to_string()
+    service_kit::testing::binary(STACK, name)
 }
 
 fn free_addr() -> SocketAddr {
@@ -66,6 +57,8 @@ async fn registered(service: &str, db: &Path, etcd: &Etcd) -> ChildService {
 struct Gateway {
     process: ChildService,
     config: PathBuf,
+    listen: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl Gateway {
@@ -73,6 +66,7 @@ impl Gateway {
     /// the registry; health checked every 200 ms.
     async fn start(dir: &Path, name: &str, etcd_endpoint: &str) -> Gateway {
         let listen = free_addr();
+        let admin = free_addr();
         let config = dir.join(format!("{name}.yaml"));
         let cache = dir.join(format!("{name}-cache.json"));
         std::fs::write(
@@ -80,6 +74,7 @@ impl Gateway {
             format!(
                 r#"
 listen: "{listen}"
+admin_listen: "{admin}"
 health_check: {{ interval: 200ms, timeout: 150ms, healthy_threshold: 1 }}
 api_docs: {{ enabled: false }}
 registry:
@@ -105,11 +100,39 @@ routes:
         )
         .await
         .unwrap();
-        Gateway { process, config }
+        // The process logs its admin address first: take both from the file.
+        let text = std::fs::read_to_string(&config).unwrap();
+        let address = |key: &str| -> SocketAddr {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|a| a.trim().trim_matches('"').parse().unwrap())
+                .unwrap()
+        };
+        Gateway {
+            process,
+            listen: address("listen: "),
+            admin: address("admin_listen: "),
+            config,
+        }
+    }
+
+    /// A line of the admin `/metrics` that starts with `series`, its value.
+    async fn metric(&self, http: &reqwest::Client, series: &str) -> Option<f64> {
+        let text = http
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.process.addr)
+        format!("http://{}{path}", self.listen)
     }
 
     async fn services(&self, http: &reqwest::Client) -> Value {
@@ -230,12 +253,19 @@ impl Load {
 
 /// GETs of `/products/{id}` an instance answered (from its `/metrics`).
 async fn served(http: &reqwest::Client, instance: SocketAddr) -> u64 {
+    answered(http, instance, "/products/{id}").await
+}
+
+/// Requests to `route` (a route template) an instance answered, from its
+/// `/metrics`; 0 if it cannot say.
+async fn answered(http: &reqwest::Client, instance: SocketAddr, route: &str) -> u64 {
     let Ok(response) = http.get(format!("http://{instance}/metrics")).send().await else {
         return 0;
     };
     let text = response.text().await.unwrap_or_default();
+    let label = format!("route=\"{route}\"");
     text.lines()
-        .filter(|l| l.starts_with("http_requests_total{") && l.contains("route=\"/products/{id}\""))
+        .filter(|l| l.starts_with("http_requests_total{") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
@@ -417,6 +447,10 @@ async fn gateways_converge_ride_out_an_etcd_outage_and_restart_from_the_cache() 
         "{away}"
     );
     assert!(away["discovery"]["error"].is_string(), "{away}");
+    let up = r#"gateway_discovery_up{service="product-service",source="etcd"}"#;
+    let age = r#"gateway_discovery_data_age_seconds{service="product-service",source="etcd"}"#;
+    assert_eq!(one.metric(&http, up).await, Some(0.0));
+    assert!(one.metric(&http, age).await.unwrap() >= 1.0);
 
     // etcd back: both converge, also on a change made meanwhile.
     etcd.start_again().await.unwrap();
@@ -439,6 +473,8 @@ async fn gateways_converge_ride_out_an_etcd_outage_and_restart_from_the_cache() 
         "measured: etcd back -> both gateways live and converged in {:?}",
         returned.elapsed()
     );
+    assert_eq!(one.metric(&http, up).await, Some(1.0));
+    assert_eq!(one.metric(&http, age).await, Some(0.0));
     load.finish("etcd outage, gateway one").await;
     load_two.finish("etcd outage, gateway two").await;
 
@@ -538,23 +574,9 @@ async fn orders_succeed_while_product_instances_are_replaced_one_by_one() {
     // The replaced instances both served reservations.
     let mut total = 0;
     for instance in &products {
-        let text = http
-            .get(format!("http://{}/metrics", instance.addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let reservations: f64 = text
-            .lines()
-            .filter(|l| {
-                l.starts_with("http_requests_total{") && l.contains("route=\"/reservations\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        assert!(reservations > 0.0, "{} got no reservation", instance.addr);
-        total += reservations as u64;
+        let reservations = answered(&http, instance.addr, "/reservations").await;
+        assert!(reservations > 0, "{} got no reservation", instance.addr);
+        total += reservations;
     }
     eprintln!(
         "measured: {placed} orders placed across replacements, {total} reservations on the final two instances"

@@ -202,6 +202,19 @@ async fn metrics(State(reloader): State<Arc<Reloader>>) -> Response {
                 .set(i64::from(instance.is_ejected()));
         }
     }
+    metrics.discovery_up.reset();
+    metrics.discovery_data_age.reset();
+    for (service, status) in reloader.membership().statuses() {
+        let labels = [service.as_str(), status.source.as_str()];
+        metrics
+            .discovery_up
+            .with_label_values(&labels)
+            .set(i64::from(status.state == "live"));
+        metrics
+            .discovery_data_age
+            .with_label_values(&labels)
+            .set(status.age().map_or(-1, |age| age.as_secs() as i64));
+    }
     metrics
         .requests_in_flight
         .set(super::shutdown::in_flight() as i64);

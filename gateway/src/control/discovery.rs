@@ -78,6 +78,16 @@ impl SourceStatus {
         }
     }
 
+    /// How old the set may be: zero while the source is live, `None` if
+    /// it never had one.
+    pub fn age(&self) -> Option<Duration> {
+        if self.state == "live" {
+            return Some(Duration::ZERO);
+        }
+        self.synced
+            .map(|synced| SystemTime::now().duration_since(synced).unwrap_or_default())
+    }
+
     /// As `/services` and `/admin/config` show it: the age of the set in
     /// seconds, 0 while the source is live.
     pub fn to_json(&self) -> serde_json::Value {
@@ -85,14 +95,11 @@ impl SourceStatus {
             "source": self.source,
             "state": self.state,
         });
-        if self.state == "live" {
-            value["data_age_seconds"] = serde_json::json!(0);
-        } else if let Some(synced) = self.synced {
-            let age = SystemTime::now()
-                .duration_since(synced)
-                .unwrap_or_default()
-                .as_secs_f64();
-            value["data_age_seconds"] = serde_json::json!((age * 10.0).round() / 10.0);
+        if let Some(age) = self.age() {
+            let age = (age.as_secs_f64() * 10.0).round() / 10.0;
+            value["data_age_seconds"] = serde_json::json!(age);
+        }
+        if let (Some(synced), false) = (self.synced, self.state == "live") {
             // The last moment the set was known to be current.
             value["synced_at"] =
                 serde_json::Value::String(humantime::format_rfc3339_millis(synced).to_string());

@@ -183,6 +183,22 @@ impl ChildService {
     }
 }
 
+/// The path of the workspace binary `name`, in the directory of `beside`
+/// (a test's `env!("CARGO_BIN_EXE_...")`); built first if it is not there
+/// (`cargo test --workspace` builds every binary, `cargo test -p X` may
+/// not have).
+pub fn binary(beside: &str, name: &str) -> String {
+    let path = std::path::Path::new(beside).with_file_name(name);
+    if !path.is_file() {
+        let built = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--bins", "-p", name])
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(built, "cannot build {name}");
+    }
+    path.display().to_string()
+}
+
 /// A real `nats-server` with JetStream on a free loopback port, its store in
 /// a temp dir; killed when dropped. [`Nats::stop`] and [`Nats::start_again`]
 /// take it down and bring it back on the same port and store.

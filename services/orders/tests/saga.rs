@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,17 +21,7 @@ const ORDERS: &str = env!("CARGO_BIN_EXE_order-service");
 const STOCK: i64 = 100_000;
 
 fn binary(name: &str) -> String {
-    let path = Path::new(ORDERS).with_file_name(name);
-    if !path.is_file() {
-        // `cargo test --workspace` builds every binary; `-p order-service`
-        // alone may not have.
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--bins", "-p", name])
-            .status()
-            .unwrap();
-        assert!(status.success(), "cannot build {name}");
-    }
-    path.display().to_string()
+    service_kit::testing::binary(ORDERS, name)
 }
 
 /// The three services on temp files, with or without a broker.
