@@ -204,7 +204,11 @@ async fn health_and_services_describe_every_instance() {
     assert_eq!(up["healthy"], true);
     assert_eq!(
         up["instances"],
-        json!([{"address": a.addr.to_string(), "healthy": true, "status": "healthy"}])
+        json!([{"address": a.addr.to_string(), "healthy": true, "status": "healthy", "source": "static"}])
+    );
+    assert_eq!(
+        up["discovery"],
+        json!({"source": "static", "state": "live", "data_age_seconds": 0.0})
     );
     let down = list.iter().find(|s| s["name"] == "down").unwrap();
     assert_eq!(down["instances"][0]["status"], "unhealthy");

@@ -439,7 +439,17 @@ async fn a_rotated_key_is_fetched_on_first_use_and_a_failing_jwks_keeps_the_last
     let good = mint(RSA, Algorithm::RS256, Some("rsa-1"), &claims("alice"));
     let (status, _, _) = send(with_token(&gateway, &good)).await;
     assert_eq!(status, 200);
-    assert!(gateway.log().contains("key set not fetched"));
+    // The gateway's log reaches its file a moment after the status shows
+    // the failure: wait for the line, a few seconds at most.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gateway.log().contains("key set not fetched") {
+        assert!(
+            Instant::now() < deadline,
+            "no warning logged:\n{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -423,6 +423,9 @@ async fn follow(endpoints: Vec<String>, prefix: String, view: watch::Sender<View
                     "registry watch restarted: reading again"
                 );
                 backoff.reset();
+                // Not at once: a watch that etcd keeps cancelling must not
+                // spin.
+                tokio::time::sleep(BACKOFF_MIN).await;
                 continue;
             }
             Relist::After(error) => error,
@@ -521,11 +524,18 @@ async fn follow_once(
         for event in answer.events() {
             let Some(kv) = event.kv() else { continue };
             match event.event_type() {
-                EventType::Put => {
-                    if let Some((id, entry)) = parse(prefix, kv.key(), kv.value()) {
+                EventType::Put => match parse(prefix, kv.key(), kv.value()) {
+                    Some((id, entry)) => {
                         members.insert(id, entry);
                     }
-                }
+                    // Overwritten with something that is not an entry: no
+                    // longer a member.
+                    None => {
+                        if let Some(id) = id_of(prefix, kv.key()) {
+                            members.remove(&id);
+                        }
+                    }
+                },
                 EventType::Delete => {
                     if let Some(id) = id_of(prefix, kv.key()) {
                         members.remove(&id);

@@ -195,6 +195,12 @@ async fn a_compacted_watch_reads_again() {
     client.put("/c/svc/x/y", value.clone(), None).await.unwrap();
     let put = client.put("/c/svc/good", value, None).await.unwrap();
     wait_for(&mut view, "good", |v| ids(v) == ["good"]).await;
+    // A member overwritten with something that is not an entry is gone.
+    let other = serde_json::to_string(&entry("127.0.0.1:8")).unwrap();
+    client.put("/c/svc/worse", other, None).await.unwrap();
+    wait_for(&mut view, "worse", |v| ids(v) == ["good", "worse"]).await;
+    client.put("/c/svc/worse", "{}", None).await.unwrap();
+    wait_for(&mut view, "worse gone", |v| ids(v) == ["good"]).await;
     // Compact past everything the watch has seen, then change: the
     // follower is either still watching or reads again; it ends current.
     client

@@ -504,8 +504,11 @@ async fn events_arrive_once_and_in_order_through_a_relay_crash_and_a_broker_outa
     system
         .start_orders(&[(service_kit::fault::VARIABLE, "published")])
         .await;
+    // The crash comes right after the relay publishes, which under load may
+    // be before the answer is written: 201, or the connection cut by the
+    // crash; the order is placed either way (checked after the restart).
     let (status, _) = system.order(1).await;
-    assert_eq!(status, 201);
+    assert!(status == 201 || status == 0, "{status}");
     assert!(
         system
             .orders
@@ -517,6 +520,14 @@ async fn events_arrive_once_and_in_order_through_a_relay_crash_and_a_broker_outa
     );
     system.orders = None;
     system.start_orders(&[]).await;
+    let (status, first) = system
+        .send("GET", system.orders_addr(), "/orders/1", None)
+        .await;
+    assert_eq!(
+        (status, first["status"].as_str()),
+        (200, Some("confirmed")),
+        "{first}"
+    );
     for _ in 0..4 {
         assert_eq!(system.order(1).await.0, 201);
     }
