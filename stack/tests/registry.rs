@@ -338,7 +338,13 @@ async fn instances_join_leave_and_crash_under_load_without_a_failed_get() {
             || async { served(&http, instance.addr).await > 0 },
         )
         .await;
-        to_traffic.push(at.elapsed());
+        let took = at.elapsed();
+        // The bar: within 1 s of registering, plus the first check.
+        assert!(
+            took <= Duration::from_millis(1200),
+            "first request {took:?} after registering"
+        );
+        to_traffic.push(took);
         instances.push(instance);
     }
     let all: Vec<SocketAddr> = instances.iter().map(|i| i.addr).collect();
@@ -377,7 +383,7 @@ async fn instances_join_leave_and_crash_under_load_without_a_failed_get() {
     .await;
     let removed = Instant::now();
     assert!(
-        removed - killed <= TTL + Duration::from_secs(1) + Duration::from_millis(500),
+        removed - killed <= TTL + Duration::from_secs(1),
         "out of rotation {:?} after the kill (TTL {TTL:?})",
         removed - killed
     );

@@ -262,6 +262,7 @@ pub fn merge(routes: &[RouteView], sources: &BTreeMap<String, Source>) -> Value 
                     if serves && !paths.contains_key(&client) {
                         let mut item = rename(item);
                         prefix_operation_ids(&mut item, service);
+                        add_gateway_answers(&mut item);
                         paths.insert(client, item);
                         reached += 1;
                     }
@@ -295,6 +296,18 @@ pub fn merge(routes: &[RouteView], sources: &BTreeMap<String, Source>) -> Value 
         let names: Vec<&str> = unavailable.iter().map(|s| s.as_str()).collect();
         description.push_str(&format!(" Unavailable now: {}.", names.join(", ")));
     }
+    schemas.insert(
+        GATEWAY_ERROR.to_owned(),
+        json!({
+            "type": "object",
+            "description": "An answer the gateway gives itself.",
+            "required": ["detail"],
+            "properties": {
+                "detail": {"type": "string", "description": "What went wrong, for a person."},
+                "request_id": {"type": "string", "description": "The request's x-request-id."},
+            },
+        }),
+    );
     let mut document = json!({
         "openapi": "3.1.0",
         "info": {
@@ -320,6 +333,59 @@ pub fn merge(routes: &[RouteView], sources: &BTreeMap<String, Source>) -> Value 
         document["tags"] = Value::Array(tags);
     }
     document
+}
+
+/// The schema of the gateway's own answers in the merged document.
+const GATEWAY_ERROR: &str = "gateway.Error";
+
+/// What the gateway may answer for any operation before (or instead of)
+/// the service: documented on every operation that does not document the
+/// status itself, so that the merged document is true of what clients see.
+const GATEWAY_ANSWERS: &[(&str, &str)] = &[
+    (
+        "400",
+        "Refused at the gateway's edge: an encoded slash or backslash or a dot segment in the path, conflicting Content-Length and Transfer-Encoding, invalid header bytes",
+    ),
+    (
+        "431",
+        "The request's header is larger than the gateway takes",
+    ),
+    (
+        "502",
+        "The gateway could not reach an instance of the service",
+    ),
+    ("503", "No instance of the service is in rotation"),
+    ("504", "The service did not answer in time"),
+];
+
+/// Adds [`GATEWAY_ANSWERS`] to every operation of `item` that lacks them.
+fn add_gateway_answers(item: &mut Value) {
+    const METHODS: [&str; 8] = [
+        "get", "put", "post", "delete", "options", "head", "patch", "trace",
+    ];
+    let Some(item) = item.as_object_mut() else {
+        return;
+    };
+    for (method, operation) in item.iter_mut() {
+        if !METHODS.contains(&method.as_str()) {
+            continue;
+        }
+        let Some(operation) = operation.as_object_mut() else {
+            continue;
+        };
+        let responses = operation.entry("responses").or_insert_with(|| json!({}));
+        let Some(responses) = responses.as_object_mut() else {
+            continue;
+        };
+        for (status, description) in GATEWAY_ANSWERS {
+            responses.entry(*status).or_insert_with(|| {
+                json!({
+                    "description": description,
+                    "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{GATEWAY_ERROR}")}}},
+                })
+            });
+        }
+    }
 }
 
 /// `value` with every `#/components/schemas/X` reference renamed to
@@ -420,6 +486,17 @@ mod tests {
             "#/components/schemas/user-service.User"
         );
         assert!(merged["components"]["schemas"]["user-service.User"].is_object());
+        // The gateway's own answers are documented where the service's
+        // document does not say.
+        assert_eq!(
+            get["responses"]["400"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/gateway.Error"
+        );
+        assert!(merged["paths"]["/api/users"]["get"]["responses"]["503"].is_object());
+        assert_eq!(
+            merged["components"]["schemas"]["gateway.Error"]["required"],
+            json!(["detail"])
+        );
         assert_eq!(
             merged["tags"],
             json!([{"name": "users"}]),
