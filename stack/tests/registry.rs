@@ -136,13 +136,7 @@ routes:
     }
 
     async fn services(&self, http: &reqwest::Client) -> Value {
-        http.get(self.url("/services"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        answer(http.get(self.url("/services"))).await
     }
 
     /// product-service's entry in `/services`.
@@ -270,17 +264,18 @@ async fn answered(http: &reqwest::Client, instance: SocketAddr, route: &str) -> 
         .sum::<f64>() as u64
 }
 
+/// The JSON body of the answer to `request`.
+async fn answer(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// A product to read, made on `instance`.
 async fn a_product(http: &reqwest::Client, instance: SocketAddr) -> i64 {
-    let product: Value = http
-        .post(format!("http://{instance}/products"))
-        .json(&json!({"name": "Widget", "price": 2.5, "stock": 1_000_000, "category": "Tools"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let product =
+        answer(http.post(format!("http://{instance}/products")).json(
+            &json!({"name": "Widget", "price": 2.5, "stock": 1_000_000, "category": "Tools"}),
+        ))
+        .await;
     product["id"].as_i64().unwrap()
 }
 
@@ -538,15 +533,11 @@ async fn orders_succeed_while_product_instances_are_replaced_one_by_one() {
         registered("product-service", &products_db, &etcd).await,
     ];
     let orders = registered("order-service", &dir.path().join("orders.db"), &etcd).await;
-    let user: Value = http
-        .post(format!("http://{}/users", users.addr))
-        .json(&json!({"username": "ann", "email": "ann@example.com", "full_name": "Ann"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let user = answer(
+        http.post(format!("http://{}/users", users.addr))
+            .json(&json!({"username": "ann", "email": "ann@example.com", "full_name": "Ann"})),
+    )
+    .await;
     let product = a_product(&http, products[0].addr).await;
     let order = json!({"user_id": user["id"], "items": [{"product_id": product, "quantity": 1}]});
     let url = format!("http://{}/orders", orders.addr);
@@ -568,14 +559,7 @@ async fn orders_succeed_while_product_instances_are_replaced_one_by_one() {
         placed += place_orders(&http, &url, &order, 20).await;
     }
     // Every placed order took its stock exactly once.
-    let stock: Value = http
-        .get(format!("http://{}/products/{product}", products[0].addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stock = answer(http.get(format!("http://{}/products/{product}", products[0].addr))).await;
     assert_eq!(stock["stock"], 1_000_000 - placed - 1, "{stock}");
     // The replaced instances both served reservations.
     let mut total = 0;
