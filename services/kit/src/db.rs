@@ -1,35 +1,59 @@
-//! A service's own SQLite database: opening it and migrating it.
+//! A service's own SQLite database: opening it, migrating it, reading it
+//! and writing it.
 //!
-//! Every service keeps its data in one file. WAL mode lets readers run while
-//! one writer writes, and a busy timeout makes a writer wait for another
-//! writer, in this process or in another one (two product-service instances
-//! may share a file), instead of failing with `database is locked`.
+//! Every service keeps its data in one file, in WAL mode: readers run while
+//! one writer writes. The access layer is `rusqlite` (SQLite's C API, a
+//! statement cache per connection) in two halves:
+//!
+//! - **Reads** ([`Db::read`]) run on the caller's own thread, on a
+//!   read-only connection taken from a small idle list: no thread is
+//!   crossed and nothing waits for the writer. A read is a primary-key
+//!   lookup or one page of a list, micro- to milliseconds; it blocks the
+//!   calling task for that long and never longer than SQLite takes (the
+//!   closure cannot await).
+//! - **Writes** ([`Db::write`]) are closures sent to the database's one
+//!   writing connection, owned by a thread of its own. The thread takes
+//!   every closure queued at that moment (up to [`GROUP_MAX`]), runs them
+//!   in **one** `BEGIN IMMEDIATE` transaction, each inside a savepoint of
+//!   its own, and commits once (group commit). A closure that returns an
+//!   error (or panics) has its savepoint rolled back and leaves the others
+//!   alone; a failed commit fails every closure of the group. Each caller
+//!   is answered after the commit, never before: an answer means the write
+//!   is in the file. One thread handoff per transaction, instead of one per
+//!   statement.
+//!
+//! Writers in other processes (two product-service instances sharing a
+//! file) are waited for by SQLite's busy timeout ([`BUSY_TIMEOUT`]); in
+//! this process writers queue for the thread in order and never contend.
 //!
 //! Migrations are plain SQL run in one `BEGIN IMMEDIATE` transaction keyed by
 //! `PRAGMA user_version`. The immediate transaction takes the write lock
 //! before the version is read, so when two processes start together on a new
 //! file one migrates (and seeds) and the other then sees the new version and
-//! does nothing. (sqlx's own migrator was not used: on SQLite it takes no
-//! lock, and two processes starting together could both apply a migration.)
+//! does nothing.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, SqlitePool};
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use tokio::sync::oneshot;
 
-/// How long a writer waits for the write lock before giving up. Long enough
-/// to ride out a burst of concurrent orders from two instances, short enough
-/// that a stuck database surfaces as an error rather than a hung request.
+/// How long a writer waits for the write lock held by another process
+/// before giving up, and a reader for a file another process is busy
+/// recovering. Long enough to ride out a burst of orders from two
+/// instances, short enough that a stuck database surfaces as an error
+/// rather than a hung request.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Reading connections per process; reads proceed alongside the writer
-/// (WAL). Writes go through one connection of their own ([`Db`]).
-pub const MAX_CONNECTIONS: u32 = 8;
+/// Most write closures committed in one transaction.
+pub const GROUP_MAX: usize = 64;
 
-/// How long a request waits for a free connection before it gets a 503.
-pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Idle reading connections kept; more are opened while more threads read
+/// at once, and the extra ones are closed when they are handed back.
+const MAX_IDLE_READERS: usize = 16;
 
 /// Pause between attempts to open a database another process is busy
 /// creating.
@@ -44,6 +68,7 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
+/// Why a database could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("cannot create the directory for {path}: {source}")]
@@ -52,12 +77,15 @@ pub enum DbError {
         source: std::io::Error,
     },
     #[error("cannot open database {path}: {source}")]
-    Open { path: PathBuf, source: sqlx::Error },
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("migration {version} of {path} failed: {source}")]
     Migrate {
         path: PathBuf,
         version: i64,
-        source: sqlx::Error,
+        source: rusqlite::Error,
     },
     #[error(
         "database {path} is at schema version {found}, newer than this binary knows ({known}); refusing to run an older binary on it"
@@ -67,49 +95,309 @@ pub enum DbError {
         found: i64,
         known: i64,
     },
+    #[error("cannot start the writer of {path}: {source}")]
+    Start {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
-/// A service's database: one connection that writes, a few that read.
+/// Why a read or a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// [`Db::close`] was called.
+    #[error("the database is closed")]
+    Closed,
+    /// The write closure panicked; its changes were rolled back.
+    #[error("the write panicked; its changes were rolled back")]
+    Panicked,
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+impl Error {
+    /// The database cannot serve now (closed, or locked by another process
+    /// past the busy timeout), as opposed to a fault in the statement.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Closed => true,
+            Error::Panicked => false,
+            Error::Sqlite(err) => matches!(
+                err.sqlite_error_code(),
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+            ),
+        }
+    }
+}
+
+/// A service's database: one thread that writes, connections that read.
 ///
-/// SQLite has one writer at a time. With writes spread over a pool, a
-/// writer that finds the write lock taken sleeps in SQLite's busy handler
-/// (in steps up to 100 ms) and tries again: under load, long tails. Here
-/// every write of the process goes through one connection, so writers
-/// queue for it in order (the pool's acquire queue, without sleeping), and
-/// the busy timeout is left for writers in other processes (two
-/// product-service instances on one file). Readers never wait for the
-/// writer (WAL); their connections are read-only, so a write sent to them
-/// fails loudly instead of contending.
-///
-/// Never acquire the writer while holding it (a transaction that calls
-/// code which writes through [`Db::write`] would wait for itself): pass
-/// the transaction instead.
-#[derive(Debug, Clone)]
+/// Cheap to clone; every clone is the same database.
+#[derive(Clone)]
 pub struct Db {
-    reader: SqlitePool,
-    writer: SqlitePool,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    /// Idle reading connections; `None` once closed.
+    readers: Mutex<Option<Vec<Connection>>>,
+    /// The writer thread's queue; `None` once closed.
+    writer: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
+    /// Says the writer thread has finished (after the last queued write).
+    writer_done: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values stay consistent whatever panicked while holding
+    // them (a push or a pop): carry on.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Db {
-    /// For queries that only read.
-    pub fn read(&self) -> &SqlitePool {
-        &self.reader
+    /// Runs `read` on a read-only connection, on this thread. Each
+    /// statement sees the latest commit; open a transaction in `read`
+    /// (`conn.unchecked_transaction()`) for several statements to see the
+    /// same one. A statement that writes fails (`SQLITE_READONLY`).
+    pub fn read<T, E>(&self, read: impl FnOnce(&Connection) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<Error>,
+    {
+        let conn = self.take_reader()?;
+        let result = read(&conn);
+        if let Some(idle) = lock(&self.shared.readers).as_mut()
+            && idle.len() < MAX_IDLE_READERS
+        {
+            idle.push(conn);
+        }
+        result
     }
 
-    /// For every statement or transaction that writes.
-    pub fn write(&self) -> &SqlitePool {
-        &self.writer
+    fn take_reader(&self) -> Result<Connection, Error> {
+        match lock(&self.shared.readers).as_mut() {
+            None => return Err(Error::Closed),
+            Some(idle) => {
+                if let Some(conn) = idle.pop() {
+                    return Ok(conn);
+                }
+            }
+        }
+        Ok(open_reader(&self.shared.path)?)
     }
-    /// Closes every connection (waiting for those in use).
+
+    /// Runs `write` in a transaction on the writing connection and answers
+    /// once it is committed (see the module documentation). `Err` from
+    /// `write` rolls back what it did, and only that. Every statement or
+    /// transaction that writes goes through here; `write` must not open or
+    /// end a transaction itself.
+    pub async fn write<T, E, F>(&self, write: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(Pending {
+            write,
+            reply,
+            span: tracing::Span::current(),
+        });
+        {
+            let writer = lock(&self.shared.writer);
+            let sent = writer.as_ref().map(|queue| queue.send(job));
+            if !matches!(sent, Some(Ok(()))) {
+                return Err(Error::Closed.into());
+            }
+        }
+        // The writer drops the reply only when it stops (closed).
+        answer.await.unwrap_or_else(|_| Err(Error::Closed.into()))
+    }
+
+    /// Refuses new reads and writes, lets the writes already queued
+    /// commit, and closes every connection.
     pub async fn close(&self) {
-        self.writer.close().await;
-        self.reader.close().await;
+        lock(&self.shared.readers).take();
+        lock(&self.shared.writer).take();
+        let done = lock(&self.shared.writer_done).take();
+        if let Some(done) = done {
+            let _ = done.await;
+        }
     }
 }
 
-/// Opens (creating if needed) the SQLite file at `path`, then applies the
-/// migrations it has not seen yet.
-pub async fn open(path: &Path, migrations: &[Migration]) -> Result<Db, DbError> {
+/// A queued write, type-erased for the writer thread.
+trait Job: Send {
+    /// Runs the closure inside the group's transaction; whether its
+    /// changes stay, and the answer to send once the group is over.
+    fn run(self: Box<Self>, conn: &Connection) -> (bool, Box<dyn Answer>);
+    /// The group could not start or the savepoint could not be taken.
+    fn refuse(self: Box<Self>, err: rusqlite::Error);
+}
+
+/// An answer held until the group's commit.
+trait Answer: Send {
+    fn send(self: Box<Self>, commit: Result<(), &rusqlite::Error>);
+}
+
+struct Pending<F, T, E> {
+    write: F,
+    reply: oneshot::Sender<Result<T, E>>,
+    /// The caller's span: the closure's log lines carry its request.
+    span: tracing::Span,
+}
+
+impl<F, T, E> Job for Pending<F, T, E>
+where
+    F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<Error> + Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &Connection) -> (bool, Box<dyn Answer>) {
+        let Pending { write, reply, span } = *self;
+        let outcome = span.in_scope(|| catch_unwind(AssertUnwindSafe(|| write(conn))));
+        let (keep, result) = match outcome {
+            Ok(Ok(value)) => (true, Ok(value)),
+            Ok(Err(err)) => (false, Err(err)),
+            Err(_) => {
+                tracing::error!(parent: &span, "a database write panicked; rolled back");
+                (false, Err(Error::Panicked.into()))
+            }
+        };
+        (keep, Box::new(Held { reply, result }))
+    }
+
+    fn refuse(self: Box<Self>, err: rusqlite::Error) {
+        let _ = self.reply.send(Err(Error::Sqlite(err).into()));
+    }
+}
+
+struct Held<T, E> {
+    reply: oneshot::Sender<Result<T, E>>,
+    result: Result<T, E>,
+}
+
+impl<T, E> Answer for Held<T, E>
+where
+    T: Send + 'static,
+    E: From<Error> + Send + 'static,
+{
+    fn send(self: Box<Self>, commit: Result<(), &rusqlite::Error>) {
+        let result = match commit {
+            Ok(()) => self.result,
+            Err(err) => Err(Error::Sqlite(copy_error(err)).into()),
+        };
+        let _ = self.reply.send(result);
+    }
+}
+
+/// `rusqlite::Error` is not `Clone`; a commit's failure goes to every
+/// caller of the group. SQLite's own errors keep their code (busy stays
+/// busy), the rest their text.
+fn copy_error(err: &rusqlite::Error) -> rusqlite::Error {
+    match err {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            rusqlite::Error::SqliteFailure(*code, message.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
+/// The writer thread: groups of queued closures, one transaction each,
+/// until the queue is closed and empty.
+fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Box<dyn Job>>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = Vec::with_capacity(8);
+        group.push(first);
+        group.extend(jobs.try_iter().take(GROUP_MAX - 1));
+        let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(err) => {
+                tracing::warn!(error = %err, "database: cannot begin a write transaction");
+                for job in group {
+                    job.refuse(copy_error(&err));
+                }
+                continue;
+            }
+        };
+        let mut answers = Vec::with_capacity(group.len());
+        let mut broken = None;
+        for job in group {
+            if broken.is_some() {
+                job.refuse(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    Some("an earlier write of the same transaction broke it".to_owned()),
+                ));
+                continue;
+            }
+            let savepoint = match tx.savepoint() {
+                Ok(savepoint) => savepoint,
+                Err(err) => {
+                    job.refuse(copy_error(&err));
+                    broken = Some(err);
+                    continue;
+                }
+            };
+            let (keep, answer) = job.run(&savepoint);
+            answers.push(answer);
+            // Dropping an unreleased savepoint rolls it back.
+            if keep && let Err(err) = savepoint.commit() {
+                broken = Some(err);
+            }
+        }
+        let committed = match broken {
+            // Dropping the transaction rolls it back.
+            Some(err) => Err(err),
+            None => tx.commit(),
+        };
+        if let Err(err) = &committed {
+            tracing::warn!(error = %err, writes = answers.len(), "database: a write transaction failed");
+        }
+        for answer in answers {
+            answer.send(committed.as_ref().map(|_| ()));
+        }
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+fn open_writer(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))?;
+    // NORMAL is durable against process crashes in WAL mode; only a power
+    // loss can drop the last transactions.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// Opens (creating if needed) the SQLite file at `path`, applies the
+/// migrations it has not seen yet, and starts its writer.
+pub async fn open(path: &Path, migrations: &'static [Migration]) -> Result<Db, DbError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         tokio::fs::create_dir_all(dir)
             .await
@@ -118,72 +406,73 @@ pub async fn open(path: &Path, migrations: &[Migration]) -> Result<Db, DbError> 
                 source,
             })?;
     }
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || open_blocking(&owned, migrations))
+        .await
+        .map_err(|err| DbError::Start {
+            path: path.to_owned(),
+            source: std::io::Error::other(err.to_string()),
+        })?
+}
+
+fn open_blocking(path: &Path, migrations: &[Migration]) -> Result<Db, DbError> {
     let open_err = |source| DbError::Open {
         path: path.to_owned(),
         source,
     };
-    let options = SqliteConnectOptions::from_str("sqlite:")
-        .map_err(open_err)?
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        // NORMAL is durable against process crashes in WAL mode; only a power
-        // loss can drop the last transactions.
-        .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(BUSY_TIMEOUT)
-        .foreign_keys(true);
     // Two processes opening a new file together can see SQLITE_BUSY where
     // the busy timeout does not apply (switching the file to WAL, WAL
     // recovery). Such a failure is transient: retry the whole open.
-    let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
-    loop {
-        let attempt = async {
-            let writer = SqlitePoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_with(options.clone())
-                .await
-                .map_err(open_err)?;
-            migrate(&writer, path, migrations).await?;
-            let reader = SqlitePoolOptions::new()
-                .max_connections(MAX_CONNECTIONS)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_with(options.clone().read_only(true))
-                .await
-                .map_err(open_err)?;
-            Ok::<_, DbError>(Db { reader, writer })
-        };
-        match attempt.await {
-            Err(err) if err.is_busy() && tokio::time::Instant::now() < deadline => {
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    let (writer, reader) = loop {
+        let attempt = open_writer(path).map_err(open_err).and_then(|mut writer| {
+            migrate(&mut writer, path, migrations)?;
+            let reader = open_reader(path).map_err(open_err)?;
+            Ok((writer, reader))
+        });
+        match attempt {
+            Err(err) if err.is_busy() && Instant::now() < deadline => {
                 tracing::debug!(db = %path.display(), "database busy while opening; retrying");
-                tokio::time::sleep(OPEN_RETRY_PAUSE).await;
+                std::thread::sleep(OPEN_RETRY_PAUSE);
             }
-            result => return result,
+            result => break result?,
         }
-    }
+    };
+    let (queue, jobs) = mpsc::channel();
+    let (done, writer_done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("db-writer".to_owned())
+        .spawn(move || {
+            run_writer(writer, jobs);
+            let _ = done.send(());
+        })
+        .map_err(|source| DbError::Start {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(Db {
+        shared: Arc::new(Shared {
+            path: path.to_owned(),
+            readers: Mutex::new(Some(vec![reader])),
+            writer: Mutex::new(Some(queue)),
+            writer_done: Mutex::new(Some(writer_done)),
+        }),
+    })
 }
 
 impl DbError {
     fn is_busy(&self) -> bool {
         match self {
-            DbError::Open { source, .. } | DbError::Migrate { source, .. } => is_busy(source),
-            DbError::CreateDir { .. } | DbError::TooNew { .. } => false,
+            DbError::Open { source, .. } | DbError::Migrate { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+            ),
+            DbError::CreateDir { .. } | DbError::TooNew { .. } | DbError::Start { .. } => false,
         }
     }
 }
 
-/// SQLITE_BUSY, plain or extended (the primary code is the low byte).
-fn is_busy(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Database(db) => db
-            .code()
-            .and_then(|code| code.parse::<i32>().ok())
-            .is_some_and(|code| code & 0xff == 5),
-        _ => false,
-    }
-}
-
-async fn migrate(pool: &SqlitePool, path: &Path, migrations: &[Migration]) -> Result<(), DbError> {
+fn migrate(conn: &mut Connection, path: &Path, migrations: &[Migration]) -> Result<(), DbError> {
     let known = migrations.last().map_or(0, |m| m.version);
     let fail = |version| {
         move |source| DbError::Migrate {
@@ -192,10 +481,11 @@ async fn migrate(pool: &SqlitePool, path: &Path, migrations: &[Migration]) -> Re
             source,
         }
     };
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(fail(0))?;
-    let current: i64 = sqlx::query_scalar("PRAGMA user_version")
-        .fetch_one(&mut *tx)
-        .await
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(fail(0))?;
+    let current: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(fail(0))?;
     if current > known {
         return Err(DbError::TooNew {
@@ -205,28 +495,24 @@ async fn migrate(pool: &SqlitePool, path: &Path, migrations: &[Migration]) -> Re
         });
     }
     for migration in migrations.iter().filter(|m| m.version > current) {
-        sqlx::raw_sql(migration.sql)
-            .execute(&mut *tx)
-            .await
+        tx.execute_batch(migration.sql)
             .map_err(fail(migration.version))?;
         tracing::info!(db = %path.display(), version = migration.version, "applied migration");
     }
     if known > current {
-        // PRAGMA takes no bound parameters; `known` is an integer we own.
-        sqlx::query(AssertSqlSafe(format!("PRAGMA user_version = {known}")))
-            .execute(&mut *tx)
-            .await
+        tx.pragma_update(None, "user_version", known)
             .map_err(fail(known))?;
     }
-    tx.commit().await.map_err(fail(known))?;
+    tx.commit().map_err(fail(known))?;
     Ok(())
 }
 
 /// True when `err` is a UNIQUE constraint violation on `table.column`.
-pub fn is_unique_violation(err: &sqlx::Error, table_column: &str) -> bool {
+pub fn is_unique_violation(err: &rusqlite::Error, table_column: &str) -> bool {
     match err {
-        sqlx::Error::Database(db) => {
-            db.is_unique_violation() && db.message().contains(table_column)
+        rusqlite::Error::SqliteFailure(code, Some(message)) => {
+            code.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                && message.contains(table_column)
         }
         _ => false,
     }
@@ -239,7 +525,7 @@ mod tests {
     const MIGRATIONS: &[Migration] = &[
         Migration {
             version: 1,
-            sql: "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL);",
+            sql: "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL UNIQUE);",
         },
         Migration {
             version: 2,
@@ -247,26 +533,37 @@ mod tests {
         },
     ];
 
+    fn values(db: &Db) -> Vec<String> {
+        db.read(|conn| {
+            let mut stmt = conn.prepare("SELECT v FROM t ORDER BY id")?;
+            let rows = stmt.query_map([], |row| row.get(0))?;
+            rows.collect::<Result<Vec<String>, _>>()
+                .map_err(Error::from)
+        })
+        .unwrap()
+    }
+
+    async fn insert(db: &Db, v: &str) -> Result<usize, Error> {
+        let v = v.to_owned();
+        db.write(move |conn| Ok(conn.execute("INSERT INTO t (v) VALUES (?)", [v])?))
+            .await
+    }
+
     #[tokio::test]
     async fn migrations_run_once_and_data_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/t.db");
-        let pool = open(&path, MIGRATIONS).await.unwrap();
-        sqlx::query("INSERT INTO t (v) VALUES ('mine')")
-            .execute(pool.write())
-            .await
-            .unwrap();
-        pool.close().await;
+        let db = open(&path, MIGRATIONS).await.unwrap();
+        insert(&db, "mine").await.unwrap();
+        db.close().await;
 
-        let pool = open(&path, MIGRATIONS).await.unwrap();
-        let rows: Vec<String> = sqlx::query_scalar("SELECT v FROM t ORDER BY id")
-            .fetch_all(pool.read())
-            .await
-            .unwrap();
-        assert_eq!(rows, ["seed", "mine"]);
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-            .fetch_one(pool.read())
-            .await
+        let db = open(&path, MIGRATIONS).await.unwrap();
+        assert_eq!(values(&db), ["seed", "mine"]);
+        let mode: String = db
+            .read(|conn| {
+                conn.query_row("PRAGMA journal_mode", [], |row| row.get(0))
+                    .map_err(Error::from)
+            })
             .unwrap();
         assert_eq!(mode, "wal");
     }
@@ -277,11 +574,7 @@ mod tests {
         let path = dir.path().join("t.db");
         let (a, b) = tokio::join!(open(&path, MIGRATIONS), open(&path, MIGRATIONS));
         let (a, _b) = (a.unwrap(), b.unwrap());
-        let seeds: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t WHERE v = 'seed'")
-            .fetch_one(a.read())
-            .await
-            .unwrap();
-        assert_eq!(seeds, 1);
+        assert_eq!(values(&a), ["seed"]);
     }
 
     #[tokio::test]
@@ -301,5 +594,98 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// Many writers at once: all committed, and a writer whose closure
+    /// fails (a UNIQUE violation, a panic) loses its own changes only,
+    /// even when it shares a group with the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn grouped_writes_commit_together_and_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("t.db"), MIGRATIONS).await.unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let db = db.clone();
+            tasks.spawn(async move {
+                match i % 10 {
+                    // A duplicate of the seed, after a change that must
+                    // not survive it.
+                    3 => {
+                        db.write(move |conn| {
+                            conn.execute("INSERT INTO t (v) VALUES (?)", [format!("gone {i}")])?;
+                            conn.execute("INSERT INTO t (v) VALUES ('seed')", [])?;
+                            Ok::<_, Error>(())
+                        })
+                        .await
+                    }
+                    7 => {
+                        db.write(move |conn| {
+                            conn.execute("INSERT INTO t (v) VALUES (?)", [format!("gone {i}")])?;
+                            panic!("a bug in a handler");
+                        })
+                        .await
+                    }
+                    _ => insert(&db, &format!("kept {i}")).await.map(drop),
+                }
+                .map_err(|err| (i, err.to_string()))
+            });
+        }
+        let mut failed = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            if let Err(err) = done.unwrap() {
+                failed.push(err);
+            }
+        }
+        failed.sort();
+        assert_eq!(failed.len(), 40, "{failed:?}");
+        assert!(failed.iter().all(|(i, err)| match i % 10 {
+            3 => err.contains("UNIQUE constraint failed: t.v"),
+            7 => err.contains("panicked"),
+            _ => false,
+        }));
+        let stored = values(&db);
+        assert_eq!(stored.len(), 1 + 160);
+        assert!(stored.iter().all(|v| !v.starts_with("gone")));
+        // The writer survived the panics.
+        insert(&db, "after").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn readers_cannot_write_and_a_closed_database_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("t.db"), MIGRATIONS).await.unwrap();
+        let err = db
+            .read(|conn| {
+                conn.execute("INSERT INTO t (v) VALUES ('x')", [])
+                    .map_err(Error::from)
+            })
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "attempt to write a readonly database",
+            "{err:?}"
+        );
+        // Writes queued before close are committed, not dropped.
+        let queued = insert(&db, "last");
+        let (written, ()) = tokio::join!(queued, db.close());
+        written.unwrap();
+        assert!(matches!(insert(&db, "late").await, Err(Error::Closed)));
+        assert!(matches!(
+            db.read(|_| Ok::<_, Error>(())),
+            Err(Error::Closed)
+        ));
+        assert!(Error::Closed.is_unavailable());
+    }
+
+    #[test]
+    fn unique_violations_are_told_apart_by_column() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0].sql).unwrap();
+        conn.execute("INSERT INTO t (v) VALUES ('a')", []).unwrap();
+        let err = conn
+            .execute("INSERT INTO t (v) VALUES ('a')", [])
+            .unwrap_err();
+        assert!(is_unique_violation(&err, "t.v"));
+        assert!(!is_unique_violation(&err, "t.w"));
     }
 }

@@ -64,17 +64,22 @@ impl AppError {
     }
 }
 
-impl From<sqlx::Error> for AppError {
-    fn from(err: sqlx::Error) -> Self {
-        // A pool that cannot hand out a connection (timeout, closed) is the
-        // database being unavailable, not a bug.
-        match err {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-                tracing::error!(error = %err, "database unavailable");
-                Self::unavailable("Database unavailable")
-            }
-            other => Self::internal(format!("database: {other}")),
+impl From<crate::db::Error> for AppError {
+    fn from(err: crate::db::Error) -> Self {
+        // A database that cannot serve now (closed, locked by another
+        // process past the busy timeout) is unavailable, not a bug.
+        if err.is_unavailable() {
+            tracing::error!(error = %err, "database unavailable");
+            Self::unavailable("Database unavailable")
+        } else {
+            Self::internal(format!("database: {err}"))
         }
+    }
+}
+
+impl From<rusqlite::Error> for AppError {
+    fn from(err: rusqlite::Error) -> Self {
+        crate::db::Error::from(err).into()
     }
 }
 

@@ -23,9 +23,9 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
 use futures_util::StreamExt;
+use rusqlite::Connection;
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{Sqlite, Transaction};
 
 use crate::db::Db;
 use tokio::sync::Notify;
@@ -85,15 +85,16 @@ pub fn subject_of(kind: &str) -> String {
     }
 }
 
-/// Records an event of type `kind` about `about` in the transaction `tx`
-/// (it is published once `tx` commits). Returns the event id.
-pub async fn record(
-    tx: &mut Transaction<'static, Sqlite>,
+/// Records an event of type `kind` about `about` in the write `conn` is
+/// doing ([`crate::db::Db::write`]): it is published once that commits.
+/// Returns the event id.
+pub fn record(
+    conn: &Connection,
     source: &str,
     kind: &str,
     about: String,
     data: Value,
-) -> Result<String, sqlx::Error> {
+) -> Result<String, rusqlite::Error> {
     let event = Event {
         specversion: "1.0",
         id: uuid::Uuid::new_v4().to_string(),
@@ -104,26 +105,18 @@ pub async fn record(
         data,
     };
     let payload = serde_json::to_string(&event).unwrap_or_default();
-    sqlx::query("INSERT INTO outbox (event_id, subject, payload) VALUES (?, ?, ?)")
-        .bind(&event.id)
-        .bind(subject_of(kind))
-        .bind(payload)
-        .execute(&mut **tx)
-        .await?;
+    conn.prepare_cached("INSERT INTO outbox (event_id, subject, payload) VALUES (?, ?, ?)")?
+        .execute((&event.id, subject_of(kind), payload))?;
     Ok(event.id)
 }
 
-/// Records that the event `event_id` is being applied in `tx`; `false` if
-/// it was applied before (the caller then changes nothing).
-pub async fn first_delivery(
-    tx: &mut Transaction<'static, Sqlite>,
-    event_id: &str,
-) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query("INSERT INTO inbox (event_id) VALUES (?) ON CONFLICT DO NOTHING")
-        .bind(event_id)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
+/// Records that the event `event_id` is being applied in the write `conn`
+/// is doing; `false` if it was applied before (the caller then changes
+/// nothing).
+pub fn first_delivery(conn: &Connection, event_id: &str) -> Result<bool, rusqlite::Error> {
+    let inserted = conn
+        .prepare_cached("INSERT INTO inbox (event_id) VALUES (?) ON CONFLICT DO NOTHING")?
+        .execute([event_id])?;
     Ok(inserted == 1)
 }
 
@@ -252,14 +245,18 @@ async fn run_relay(db: Db, broker: Broker, wake: Arc<Notify>) {
 /// Publishes one batch of unpublished events in order, marking each batch
 /// published once JetStream acknowledged all of it.
 async fn publish_pending(db: &Db, broker: &Broker) -> Result<usize, String> {
-    let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
-        "SELECT seq, event_id, subject, payload FROM outbox
-         WHERE published_at IS NULL ORDER BY seq LIMIT ?",
-    )
-    .bind(BATCH)
-    .fetch_all(db.read())
-    .await
-    .map_err(|err| format!("outbox: {err}"))?;
+    let rows: Vec<(i64, String, String, String)> = db
+        .read(|conn| {
+            let mut unpublished = conn.prepare_cached(
+                "SELECT seq, event_id, subject, payload FROM outbox
+                 WHERE published_at IS NULL ORDER BY seq LIMIT ?",
+            )?;
+            let rows = unpublished.query_map([BATCH], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })?;
+            Ok::<_, crate::db::Error>(rows.collect::<Result<_, _>>()?)
+        })
+        .map_err(|err| format!("outbox: {err}"))?;
     let mut last = None;
     let mut failure = None;
     for (seq, event_id, subject, payload) in &rows {
@@ -274,12 +271,14 @@ async fn publish_pending(db: &Db, broker: &Broker) -> Result<usize, String> {
         last = Some(*seq);
     }
     if let Some(last) = last {
-        sqlx::query(
-            "UPDATE outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-             WHERE seq <= ? AND published_at IS NULL",
-        )
-        .bind(last)
-        .execute(db.write())
+        db.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                 WHERE seq <= ? AND published_at IS NULL",
+            )?
+            .execute([last])?;
+            Ok::<_, crate::db::Error>(())
+        })
         .await
         .map_err(|err| format!("outbox: {err}"))?;
     }

@@ -9,8 +9,9 @@
 //!   bodies over the limit) instead of axum's plain-text defaults.
 //! - [`money`]: exact money, integer cents inside, a 2-decimal JSON number
 //!   outside.
-//! - [`db`]: opening a service's own SQLite file (WAL, busy timeout) and
-//!   running its migrations once, safely across processes.
+//! - [`db`]: a service's own SQLite file (WAL, busy timeout): its
+//!   migrations, run once, safely across processes; reads on the caller's
+//!   thread, writes grouped on one writer thread.
 //! - [`serve`]: binding, graceful shutdown on SIGTERM/Ctrl-C, the common
 //!   router layers, logging set-up and the `/health` handler.
 //! - [`events`]: the transactional outbox, its relay to NATS JetStream, and

@@ -134,7 +134,11 @@ pub struct HealthBody {
     )
 )]
 async fn health(State(state): State<HealthState>) -> Response {
-    match sqlx::query("SELECT 1").execute(state.db.read()).await {
+    let answered = state.db.read(|conn| {
+        conn.query_row("SELECT 1", [], |_| Ok(()))
+            .map_err(crate::db::Error::from)
+    });
+    match answered {
         Ok(_) => axum::Json(json!({
             "service": state.service,
             "status": "healthy",

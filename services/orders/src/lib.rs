@@ -19,6 +19,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use product_service::api::{ItemRequest, merge_items};
+use rusqlite::{Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use service_kit::db::{self, Db, DbError, Migration};
 use service_kit::events::{self, Broker, Relay};
@@ -27,8 +28,6 @@ use service_kit::money::Money;
 use service_kit::openapi::ErrorBody;
 use service_kit::page::Page;
 use service_kit::{AppError, AppResult};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -363,49 +362,45 @@ async fn list_orders(
     let page = Page::new(filter.limit, filter.after_id)?;
     let wanted =
         serde_json::to_string(&statuses(filter.status.as_deref())?).map_err(AppError::internal)?;
-    let mut tx = state.db.read().begin().await?;
-    let rows = sqlx::query(
-        "SELECT id, user_id, total_cents, status, created_at, failure_reason FROM orders
-         WHERE (?1 IS NULL OR user_id = ?1) AND status IN (SELECT value FROM json_each(?2))
-           AND id > ?3
-         ORDER BY id LIMIT ?4",
-    )
-    .bind(filter.user_id)
-    .bind(&wanted)
-    .bind(page.after_id)
-    .bind(page.fetch())
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut orders = rows
-        .iter()
-        .map(order_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    // One query for the page's lines (same snapshot), grouped by order in
-    // memory.
-    let last = orders.last().map_or(page.after_id, |order| order.id);
-    let item_rows = sqlx::query(
-        "SELECT oi.order_id, oi.product_id, oi.quantity, oi.price_cents
-         FROM order_items oi JOIN orders o ON o.id = oi.order_id
-         WHERE (?1 IS NULL OR o.user_id = ?1) AND o.status IN (SELECT value FROM json_each(?2))
-           AND o.id > ?3 AND o.id <= ?4
-         ORDER BY oi.order_id, oi.product_id",
-    )
-    .bind(filter.user_id)
-    .bind(&wanted)
-    .bind(page.after_id)
-    .bind(last)
-    .fetch_all(&mut *tx)
-    .await?;
-    drop(tx);
+    let (mut orders, items) = state.db.read(|conn| {
+        // One snapshot for the page and its lines.
+        let snapshot = conn.unchecked_transaction()?;
+        let orders = snapshot
+            .prepare_cached(
+                "SELECT id, user_id, total_cents, status, created_at, failure_reason FROM orders
+                 WHERE (?1 IS NULL OR user_id = ?1) AND status IN (SELECT value FROM json_each(?2))
+                   AND id > ?3
+                 ORDER BY id LIMIT ?4",
+            )?
+            .query_map(
+                (filter.user_id, &wanted, page.after_id, page.fetch()),
+                order_from_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        // One query for the page's lines, grouped by order in memory.
+        let last = orders.last().map_or(page.after_id, |order| order.id);
+        let items = snapshot
+            .prepare_cached(
+                "SELECT oi.order_id, oi.product_id, oi.quantity, oi.price_cents
+                 FROM order_items oi JOIN orders o ON o.id = oi.order_id
+                 WHERE (?1 IS NULL OR o.user_id = ?1) AND o.status IN (SELECT value FROM json_each(?2))
+                   AND o.id > ?3 AND o.id <= ?4
+                 ORDER BY oi.order_id, oi.product_id",
+            )?
+            .query_map((filter.user_id, &wanted, page.after_id, last), |row| {
+                Ok((row.get::<_, i64>("order_id")?, item_from_row(row)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, AppError>((orders, items))
+    })?;
     let mut index = 0;
-    for row in &item_rows {
-        let order_id: i64 = row.try_get("order_id")?;
+    for (order_id, item) in items {
         // Both lists are sorted by order id; walk them together.
         while orders.get(index).is_some_and(|o| o.id < order_id) {
             index += 1;
         }
         if let Some(order) = orders.get_mut(index).filter(|o| o.id == order_id) {
-            order.items.push(item_from_row(row)?);
+            order.items.push(item);
         }
     }
     Ok(page.answer(orders, |order| order.id, query.as_deref()))
@@ -424,59 +419,56 @@ async fn list_orders(
     )
 )]
 async fn get_order(State(state): State<AppState>, Path(id): Path<i64>) -> AppResult<Json<Order>> {
-    let mut tx = state.db.read().begin().await?;
-    let order = load_order(&mut tx, id)
-        .await?
-        .ok_or_else(|| AppError::not_found("Order not found"))?;
-    Ok(Json(order))
+    let order = state.db.read(|conn| {
+        // One snapshot for the order and its lines.
+        let snapshot = conn.unchecked_transaction()?;
+        Ok::<_, AppError>(load_order(&snapshot, id)?)
+    })?;
+    Ok(Json(
+        order.ok_or_else(|| AppError::not_found("Order not found"))?,
+    ))
 }
 
-/// The order `id` with its lines, in any state.
-pub async fn load_order(
-    tx: &mut Transaction<'static, Sqlite>,
-    id: i64,
-) -> Result<Option<Order>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT id, user_id, total_cents, status, created_at, failure_reason FROM orders WHERE id = ?",
-    )
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = row else {
+/// The order `id` with its lines, in any state. Run it in a transaction:
+/// two statements.
+pub fn load_order(conn: &Connection, id: i64) -> rusqlite::Result<Option<Order>> {
+    let order = conn
+        .prepare_cached(
+            "SELECT id, user_id, total_cents, status, created_at, failure_reason FROM orders WHERE id = ?",
+        )?
+        .query_row([id], order_from_row)
+        .optional()?;
+    let Some(mut order) = order else {
         return Ok(None);
     };
-    let mut order = order_from_row(&row)?;
-    let item_rows = sqlx::query(
-        "SELECT product_id, quantity, price_cents FROM order_items
-         WHERE order_id = ? ORDER BY product_id",
-    )
-    .bind(id)
-    .fetch_all(&mut **tx)
-    .await?;
-    order.items = item_rows
-        .iter()
-        .map(item_from_row)
+    order.items = conn
+        .prepare_cached(
+            "SELECT product_id, quantity, price_cents FROM order_items
+             WHERE order_id = ? ORDER BY product_id",
+        )?
+        .query_map([id], item_from_row)?
         .collect::<Result<_, _>>()?;
     Ok(Some(order))
 }
 
-fn order_from_row(row: &SqliteRow) -> Result<Order, sqlx::Error> {
+fn order_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Order> {
+    let status: String = row.get("status")?;
     Ok(Order {
-        id: row.try_get("id")?,
-        user_id: row.try_get("user_id")?,
+        id: row.get("id")?,
+        user_id: row.get("user_id")?,
         items: Vec::new(),
-        total: Money::from_cents(row.try_get("total_cents")?),
-        status: Status::parse(row.try_get("status")?).unwrap_or(Status::Failed),
-        created_at: row.try_get("created_at")?,
-        reason: row.try_get("failure_reason")?,
+        total: Money::from_cents(row.get("total_cents")?),
+        status: Status::parse(&status).unwrap_or(Status::Failed),
+        created_at: row.get("created_at")?,
+        reason: row.get("failure_reason")?,
     })
 }
 
-fn item_from_row(row: &SqliteRow) -> Result<OrderItem, sqlx::Error> {
+fn item_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<OrderItem> {
     Ok(OrderItem {
-        product_id: row.try_get("product_id")?,
-        quantity: row.try_get("quantity")?,
-        price: Money::from_cents(row.try_get("price_cents")?),
+        product_id: row.get("product_id")?,
+        quantity: row.get("quantity")?,
+        price: Money::from_cents(row.get("price_cents")?),
     })
 }
 

@@ -31,12 +31,12 @@
 use std::time::Duration;
 
 use product_service::api::{ItemRequest, Reservation, ReservationStatus};
+use rusqlite::OptionalExtension;
 use serde_json::{Value, json};
 use service_kit::events;
 use service_kit::fault;
 use service_kit::money::Money;
 use service_kit::{AppError, AppResult};
-use sqlx::Row;
 
 use crate::dependencies::Refused;
 use crate::{AppState, Order, OrderItem, SERVICE_NAME, Status, load_order};
@@ -109,13 +109,15 @@ fn placed(outcome: &str) {
 }
 
 async fn insert_pending(state: &AppState, user_id: i64, reservation_id: &str) -> AppResult<i64> {
-    let insert = sqlx::query_scalar(
-        "INSERT INTO orders (user_id, total_cents, status, reservation_id, updated_at)
-         VALUES (?, 0, 'pending', ?, strftime('%Y-%m-%dT%H:%M:%SZ', 'now')) RETURNING id",
-    )
-    .bind(user_id)
-    .bind(reservation_id)
-    .fetch_one(state.db.write());
+    let reservation_id = reservation_id.to_owned();
+    let insert = state.db.write(move |conn| {
+        conn.prepare_cached(
+            "INSERT INTO orders (user_id, total_cents, status, reservation_id, updated_at)
+             VALUES (?, 0, 'pending', ?, strftime('%Y-%m-%dT%H:%M:%SZ', 'now')) RETURNING id",
+        )?
+        .query_row((user_id, reservation_id), |row| row.get(0))
+        .map_err(AppError::from)
+    });
     let id: i64 = service_kit::metrics::timed(SERVICE_NAME, "order_insert_pending", insert).await?;
     Ok(id)
 }
@@ -150,49 +152,47 @@ async fn confirm(state: &AppState, id: i64, reservation: &Reservation) -> AppRes
                 .and_then(|line| sum.checked_add(line))
         })
         .ok_or_else(|| AppError::unprocessable("order total is too large"))?;
-    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
-    let row = sqlx::query(
-        "UPDATE orders SET status = 'confirmed', total_cents = ?,
-                updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
-         WHERE id = ? AND status = 'pending' RETURNING user_id, created_at",
-    )
-    .bind(total.cents())
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    for item in &items {
-        sqlx::query(
+    let reservation_id = reservation.id.clone();
+    let confirmed = state.db.write(move |conn| {
+        let row: Option<(i64, String)> = conn
+            .prepare_cached(
+                "UPDATE orders SET status = 'confirmed', total_cents = ?,
+                        updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+                 WHERE id = ? AND status = 'pending' RETURNING user_id, created_at",
+            )?
+            .query_row((total.cents(), id), |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        let Some((user_id, created_at)) = row else {
+            return Ok(None);
+        };
+        let mut line = conn.prepare_cached(
             "INSERT INTO order_items (order_id, product_id, quantity, price_cents)
              VALUES (?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(item.product_id)
-        .bind(item.quantity)
-        .bind(item.price.cents())
-        .execute(&mut *tx)
-        .await?;
-    }
-    let order = Order {
-        id,
-        user_id: row.try_get("user_id")?,
-        items,
-        total,
-        status: Status::Confirmed,
-        created_at: row.try_get("created_at")?,
-        reason: None,
+        )?;
+        for item in &items {
+            line.execute((id, item.product_id, item.quantity, item.price.cents()))?;
+        }
+        let order = Order {
+            id,
+            user_id,
+            items,
+            total,
+            status: Status::Confirmed,
+            created_at,
+            reason: None,
+        };
+        events::record(
+            conn,
+            SERVICE_NAME,
+            "order.confirmed",
+            format!("order/{id}"),
+            event_data(&order, &reservation_id),
+        )?;
+        Ok::<_, AppError>(Some(order))
+    });
+    let Some(order) = confirmed.await? else {
+        return Ok(None);
     };
-    events::record(
-        &mut tx,
-        SERVICE_NAME,
-        "order.confirmed",
-        format!("order/{id}"),
-        event_data(&order, &reservation.id),
-    )
-    .await?;
-    tx.commit().await?;
     state.relay.wake();
     placed("confirmed");
     Ok(Some(order))
@@ -202,35 +202,38 @@ async fn confirm(state: &AppState, id: i64, reservation: &Reservation) -> AppRes
 /// with `hold_possible`, its reservation is to be released (by
 /// [`release_failed`], now or by recovery). Whether it was pending.
 async fn fail(state: &AppState, id: i64, reason: &str, hold_possible: bool) -> AppResult<bool> {
-    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
-    let row = sqlx::query(
-        "UPDATE orders SET status = 'failed', failure_reason = ?, stock_released = ?,
-                updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
-         WHERE id = ? AND status = 'pending' RETURNING user_id, reservation_id",
-    )
-    .bind(reason)
-    .bind(!hold_possible)
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(row) = row {
-        let user_id: i64 = row.try_get("user_id")?;
-        let reservation_id: String = row.try_get("reservation_id")?;
+    let owned_reason = reason.to_owned();
+    let failed = state.db.write(move |conn| {
+        let reason = owned_reason;
+        let row: Option<(i64, String)> = conn
+            .prepare_cached(
+                "UPDATE orders SET status = 'failed', failure_reason = ?, stock_released = ?,
+                        updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+                 WHERE id = ? AND status = 'pending' RETURNING user_id, reservation_id",
+            )?
+            .query_row((&reason, !hold_possible, id), |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
+        let Some((user_id, reservation_id)) = row else {
+            return Ok(false);
+        };
         events::record(
-            &mut tx,
+            conn,
             SERVICE_NAME,
             "order.failed",
             format!("order/{id}"),
             json!({"order_id": id, "user_id": user_id, "reservation_id": reservation_id, "reason": reason}),
-        )
-        .await?;
-        tx.commit().await?;
-        state.relay.wake();
-        tracing::info!(order = id, reason, "order failed");
-        placed("failed");
-        return Ok(true);
+        )?;
+        Ok::<_, AppError>(true)
+    });
+    if !failed.await? {
+        return Ok(false);
     }
-    Ok(false)
+    state.relay.wake();
+    tracing::info!(order = id, reason, "order failed");
+    placed("failed");
+    Ok(true)
 }
 
 /// Releases the reservation of the failed order `id`; marks it released
@@ -239,23 +242,33 @@ async fn release_failed(state: &AppState, id: i64, reservation_id: &str) -> AppR
     if !state.deps.release(reservation_id).await {
         return Ok(false);
     }
-    sqlx::query("UPDATE orders SET stock_released = 1 WHERE id = ? AND status = 'failed'")
-        .bind(id)
-        .execute(state.db.write())
+    state
+        .db
+        .write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE orders SET stock_released = 1 WHERE id = ? AND status = 'failed'",
+            )?
+            .execute([id])
+            .map_err(AppError::from)
+        })
         .await?;
     Ok(true)
 }
 
 /// Finishes the pending orders older than `grace`; how many it finished.
 pub async fn recover(state: &AppState, grace: Duration) -> AppResult<usize> {
-    let due: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT id, reservation_id FROM orders
-         WHERE status = 'pending' AND created_at <= strftime('%Y-%m-%dT%H:%M:%SZ', 'now', ?)
-         ORDER BY id",
-    )
-    .bind(format!("-{} seconds", grace.as_secs()))
-    .fetch_all(state.db.read())
-    .await?;
+    let due: Vec<(i64, String)> = state.db.read(|conn| {
+        conn.prepare_cached(
+            "SELECT id, reservation_id FROM orders
+             WHERE status = 'pending' AND created_at <= strftime('%Y-%m-%dT%H:%M:%SZ', 'now', ?)
+             ORDER BY id",
+        )?
+        .query_map([format!("-{} seconds", grace.as_secs())], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?
+        .collect::<Result<_, _>>()
+        .map_err(AppError::from)
+    })?;
     let mut finished = 0;
     for (id, reservation_id) in due {
         let reservation = match state.deps.reservation(&reservation_id).await {
@@ -290,11 +303,14 @@ pub async fn recover(state: &AppState, grace: Duration) -> AppResult<usize> {
         }
         finished += 1;
     }
-    let unreleased: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT id, reservation_id FROM orders WHERE status = 'failed' AND stock_released = 0",
-    )
-    .fetch_all(state.db.read())
-    .await?;
+    let unreleased: Vec<(i64, String)> = state.db.read(|conn| {
+        conn.prepare_cached(
+            "SELECT id, reservation_id FROM orders WHERE status = 'failed' AND stock_released = 0",
+        )?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()
+        .map_err(AppError::from)
+    })?;
     for (id, reservation_id) in unreleased {
         if !release_failed(state, id, &reservation_id).await? {
             break;
@@ -325,46 +341,47 @@ pub fn spawn_recovery(state: AppState, grace: Duration, every: Duration) {
 /// `POST /orders/{id}/cancel`: see the module documentation. Returns the
 /// order and whether the cancellation is still on its way.
 pub async fn cancel(state: &AppState, id: i64) -> AppResult<(Order, bool)> {
-    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
-    let order = load_order(&mut tx, id)
-        .await?
-        .ok_or_else(|| AppError::not_found("Order not found"))?;
-    match order.status {
-        Status::Cancelled => return Ok((order, false)),
-        Status::Cancelling => return Ok((order, true)),
-        Status::Failed => {
-            return Err(AppError::conflict(format!(
-                "Order {id} failed: there is nothing to cancel"
-            )));
+    let cancel = state.db.write(move |conn| {
+        let order = load_order(conn, id)?.ok_or_else(|| AppError::not_found("Order not found"))?;
+        match order.status {
+            Status::Cancelled => return Ok((order, None)),
+            Status::Cancelling => return Ok((order, None)),
+            Status::Failed => {
+                return Err(AppError::conflict(format!(
+                    "Order {id} failed: there is nothing to cancel"
+                )));
+            }
+            Status::Pending => {
+                return Err(AppError::conflict(format!(
+                    "Order {id} is not confirmed yet"
+                )));
+            }
+            Status::Confirmed => {}
         }
-        Status::Pending => {
-            return Err(AppError::conflict(format!(
-                "Order {id} is not confirmed yet"
-            )));
+        let reservation_id: String = conn
+            .prepare_cached("SELECT reservation_id FROM orders WHERE id = ?")?
+            .query_row([id], |row| row.get(0))?;
+        conn.prepare_cached(
+            "UPDATE orders SET status = 'cancelling', updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+             WHERE id = ? AND status = 'confirmed'",
+        )?
+        .execute([id])?;
+        events::record(
+            conn,
+            SERVICE_NAME,
+            "order.cancelled",
+            format!("order/{id}"),
+            event_data(&order, &reservation_id),
+        )?;
+        Ok::<_, AppError>((order, Some(reservation_id)))
+    });
+    let (order, reservation_id) = match cancel.await? {
+        (order, Some(reservation_id)) => (order, reservation_id),
+        (order, None) => {
+            let on_its_way = order.status == Status::Cancelling;
+            return Ok((order, on_its_way));
         }
-        Status::Confirmed => {}
-    }
-    let reservation_id: String =
-        sqlx::query_scalar("SELECT reservation_id FROM orders WHERE id = ?")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-    sqlx::query(
-        "UPDATE orders SET status = 'cancelling', updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
-         WHERE id = ? AND status = 'confirmed'",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    events::record(
-        &mut tx,
-        SERVICE_NAME,
-        "order.cancelled",
-        format!("order/{id}"),
-        event_data(&order, &reservation_id),
-    )
-    .await?;
-    tx.commit().await?;
+    };
     state.relay.wake();
     tracing::info!(order = id, "order cancelling");
     let cancelling = Order {
@@ -389,10 +406,12 @@ pub async fn cancel(state: &AppState, id: i64) -> AppResult<(Order, bool)> {
 
 /// Without a broker: releases the stock of orders left `cancelling`.
 async fn finish_cancellations(state: &AppState) -> AppResult<usize> {
-    let cancelling: Vec<String> =
-        sqlx::query_scalar("SELECT reservation_id FROM orders WHERE status = 'cancelling'")
-            .fetch_all(state.db.read())
-            .await?;
+    let cancelling: Vec<String> = state.db.read(|conn| {
+        conn.prepare_cached("SELECT reservation_id FROM orders WHERE status = 'cancelling'")?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()
+            .map_err(AppError::from)
+    })?;
     let mut finished = 0;
     for reservation_id in cancelling {
         if !state.deps.release(&reservation_id).await {
@@ -406,14 +425,18 @@ async fn finish_cancellations(state: &AppState) -> AppResult<usize> {
 /// `cancelling` → `cancelled` for the order of `reservation_id`; whether it
 /// changed.
 async fn mark_cancelled(state: &AppState, reservation_id: &str) -> AppResult<bool> {
-    let changed = sqlx::query(
-        "UPDATE orders SET status = 'cancelled', updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
-         WHERE reservation_id = ? AND status = 'cancelling'",
-    )
-    .bind(reservation_id)
-    .execute(state.db.write())
-    .await?
-    .rows_affected();
+    let reservation_id = reservation_id.to_owned();
+    let changed = state
+        .db
+        .write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE orders SET status = 'cancelled', updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
+                 WHERE reservation_id = ? AND status = 'cancelling'",
+            )?
+            .execute([reservation_id])
+            .map_err(AppError::from)
+        })
+        .await?;
     Ok(changed == 1)
 }
 
@@ -423,23 +446,25 @@ pub async fn on_stock_released(state: &AppState, event: events::Delivered) -> Re
         tracing::error!(event = %event.id, "stock.released without a reservation_id: ignored");
         return Ok(());
     };
-    let apply = async {
-        let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
-        if events::first_delivery(&mut tx, &event.id).await? {
-            let changed = sqlx::query(
+    let reservation_id = reservation_id.to_owned();
+    let cancelled = state
+        .db
+        .write(move |conn| {
+            if !events::first_delivery(conn, &event.id)? {
+                return Ok(None);
+            }
+            conn.prepare_cached(
                 "UPDATE orders SET status = 'cancelled', updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
                  WHERE reservation_id = ? AND status = 'cancelling' RETURNING id",
-            )
-            .bind(reservation_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = changed {
-                let id: i64 = row.try_get("id")?;
-                tracing::info!(order = id, "order cancelled: stock released");
-            }
-        }
-        tx.commit().await?;
-        Ok::<_, AppError>(())
-    };
-    apply.await.map_err(|err| err.to_string())
+            )?
+            .query_row([reservation_id], |row| row.get::<_, i64>(0))
+            .optional()
+            .map_err(AppError::from)
+        })
+        .await
+        .map_err(|err| err.to_string())?;
+    if let Some(id) = cancelled {
+        tracing::info!(order = id, "order cancelled: stock released");
+    }
+    Ok(())
 }

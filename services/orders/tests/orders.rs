@@ -280,8 +280,12 @@ async fn concurrent_orders_never_oversell_or_leak() {
 #[tokio::test]
 async fn a_failure_after_reservation_releases_the_stock() {
     let stack = Stack::start().await;
-    sqlx::raw_sql("CREATE TRIGGER refuse BEFORE INSERT ON orders BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;")
-        .execute(stack.orders_db.write())
+    stack
+        .orders_db
+        .write(|conn| {
+            conn.execute_batch("CREATE TRIGGER refuse BEFORE INSERT ON orders BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;")
+                .map_err(service_kit::db::Error::from)
+        })
         .await
         .unwrap();
     let (status, answer) = stack
@@ -295,8 +299,12 @@ async fn a_failure_after_reservation_releases_the_stock() {
     );
     assert_eq!((stack.stock(1).await, stack.stock(2).await), (10, 50));
 
-    sqlx::raw_sql("DROP TRIGGER refuse")
-        .execute(stack.orders_db.write())
+    stack
+        .orders_db
+        .write(|conn| {
+            conn.execute_batch("DROP TRIGGER refuse")
+                .map_err(service_kit::db::Error::from)
+        })
         .await
         .unwrap();
     let (status, _) = stack

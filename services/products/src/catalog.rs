@@ -3,14 +3,13 @@
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 use service_kit::extract::{Json, Path, Query};
 use service_kit::money::Money;
 use service_kit::openapi::ErrorBody;
 use service_kit::page::Page;
 use service_kit::{AppError, AppResult};
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
@@ -36,14 +35,15 @@ pub struct Product {
 pub(crate) const PRODUCT_COLUMNS: &str = "id, name, description, price_cents, stock, category";
 
 impl Product {
-    pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
+    /// A row of [`PRODUCT_COLUMNS`].
+    pub(crate) fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
         Ok(Product {
-            id: row.try_get("id")?,
-            name: row.try_get("name")?,
-            description: row.try_get("description")?,
-            price: Money::from_cents(row.try_get("price_cents")?),
-            stock: row.try_get("stock")?,
-            category: row.try_get("category")?,
+            id: row.get("id")?,
+            name: row.get("name")?,
+            description: row.get("description")?,
+            price: Money::from_cents(row.get("price_cents")?),
+            stock: row.get("stock")?,
+            category: row.get("category")?,
         })
     }
 }
@@ -139,18 +139,27 @@ pub async fn create_product(
     Json(new_product): Json<NewProduct>,
 ) -> AppResult<(StatusCode, Json<Product>)> {
     let p = new_product.validated()?;
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO products (name, description, price_cents, stock, category)
-         VALUES (?, ?, ?, ?, ?) RETURNING {PRODUCT_COLUMNS}"
-    )))
-    .bind(&p.name)
-    .bind(&p.description)
-    .bind(p.price.cents())
-    .bind(p.stock)
-    .bind(&p.category)
-    .fetch_one(state.db.write())
-    .await?;
-    Ok((StatusCode::CREATED, Json(Product::from_row(&row)?)))
+    let product = state
+        .db
+        .write(move |conn| {
+            conn.prepare_cached(&format!(
+                "INSERT INTO products (name, description, price_cents, stock, category)
+                 VALUES (?, ?, ?, ?, ?) RETURNING {PRODUCT_COLUMNS}"
+            ))?
+            .query_row(
+                (
+                    &p.name,
+                    &p.description,
+                    p.price.cents(),
+                    p.stock,
+                    &p.category,
+                ),
+                Product::from_row,
+            )
+            .map_err(AppError::from)
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(product)))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -185,20 +194,17 @@ pub async fn list_products(
     RawQuery(query): RawQuery,
 ) -> AppResult<Response> {
     let page = Page::new(filter.limit, filter.after_id)?;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products
-         WHERE (?1 IS NULL OR category = ?1 COLLATE NOCASE) AND id > ?2
-         ORDER BY id LIMIT ?3"
-    )))
-    .bind(filter.category.map(|c| c.trim().to_owned()))
-    .bind(page.after_id)
-    .bind(page.fetch())
-    .fetch_all(state.db.read())
-    .await?;
-    let products = rows
-        .iter()
-        .map(Product::from_row)
-        .collect::<Result<Vec<_>, _>>()?;
+    let category = filter.category.as_deref().map(str::trim);
+    let products = state.db.read(|conn| {
+        conn.prepare_cached(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products
+             WHERE (?1 IS NULL OR category = ?1 COLLATE NOCASE) AND id > ?2
+             ORDER BY id LIMIT ?3"
+        ))?
+        .query_map((category, page.after_id, page.fetch()), Product::from_row)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(AppError::from)
+    })?;
     Ok(page.answer(products, |product| product.id, query.as_deref()))
 }
 
@@ -219,14 +225,17 @@ pub async fn get_product(
     State(state): State<AppState>,
     Path(id): Path<i64>,
 ) -> AppResult<Json<Product>> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ?"
-    )))
-    .bind(id)
-    .fetch_optional(state.db.read())
-    .await?
-    .ok_or_else(|| AppError::not_found("Product not found"))?;
-    Ok(Json(Product::from_row(&row)?))
+    let product = state.db.read(|conn| {
+        conn.prepare_cached(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = ?"
+        ))?
+        .query_row([id], Product::from_row)
+        .optional()
+        .map_err(AppError::from)
+    })?;
+    Ok(Json(
+        product.ok_or_else(|| AppError::not_found("Product not found"))?,
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -269,16 +278,19 @@ pub async fn change_stock(
             "stock_change must be between -{MAX_STOCK} and {MAX_STOCK}"
         )));
     }
-    let updated: Option<i64> = sqlx::query_scalar(
-        "UPDATE products SET stock = stock + ?1
-         WHERE id = ?2 AND stock + ?1 BETWEEN 0 AND ?3
-         RETURNING stock",
-    )
-    .bind(stock_change)
-    .bind(id)
-    .bind(MAX_STOCK)
-    .fetch_optional(state.db.write())
-    .await?;
+    let updated: Option<i64> = state
+        .db
+        .write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE products SET stock = stock + ?1
+                 WHERE id = ?2 AND stock + ?1 BETWEEN 0 AND ?3
+                 RETURNING stock",
+            )?
+            .query_row((stock_change, id, MAX_STOCK), |row| row.get(0))
+            .optional()
+            .map_err(AppError::from)
+        })
+        .await?;
     if let Some(new_stock) = updated {
         return Ok(Json(StockChanged {
             product_id: id,
@@ -287,10 +299,12 @@ pub async fn change_stock(
     }
     // Nothing changed: say why. The stock read here only picks the message;
     // it decides nothing.
-    let stock: Option<i64> = sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
-        .bind(id)
-        .fetch_optional(state.db.read())
-        .await?;
+    let stock: Option<i64> = state.db.read(|conn| {
+        conn.prepare_cached("SELECT stock FROM products WHERE id = ?")?
+            .query_row([id], |row| row.get(0))
+            .optional()
+            .map_err(AppError::from)
+    })?;
     match stock {
         None => Err(AppError::not_found("Product not found")),
         Some(_) if stock_change < 0 => Err(AppError::bad_request("Insufficient stock")),

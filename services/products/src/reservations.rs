@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use rusqlite::{Connection, OptionalExtension};
 use serde_json::{Value, json};
 use service_kit::db::Db;
 use service_kit::events;
@@ -28,9 +29,10 @@ use service_kit::extract::{Json, Path};
 use service_kit::money::Money;
 use service_kit::openapi::ErrorBody;
 use service_kit::{AppError, AppResult};
-use sqlx::{Row, Sqlite, Transaction};
 
-use crate::api::{Reservation, ReservationStatus, ReserveRequest, ReservedItem, merge_items};
+use crate::api::{
+    ItemRequest, Reservation, ReservationStatus, ReserveRequest, ReservedItem, merge_items,
+};
 use crate::catalog::MAX_STOCK;
 use crate::{AppState, SERVICE_NAME};
 
@@ -132,11 +134,34 @@ pub async fn reserve(
         )));
     }
 
-    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
-    match existing(&mut tx, &id).await? {
+    let hold = state.hold;
+    let reserve = state
+        .db
+        .write(move |conn| reserve_in(conn, &id, &items, hold));
+    // The whole transaction, up to its commit.
+    let (status, reservation) =
+        service_kit::metrics::timed(SERVICE_NAME, "reserve_commit", reserve).await?;
+    if status == StatusCode::CREATED {
+        state.relay.wake();
+        counted("reserved");
+        service_kit::fault::exit_after("reserved");
+        tracing::info!(reservation = %reservation.id, lines = reservation.items.len(), "stock reserved");
+    }
+    Ok((status, Json(reservation)))
+}
+
+/// [`reserve`]'s transaction: 201 and the new hold, or 200 and the hold
+/// already made under `id` (a retry).
+fn reserve_in(
+    conn: &Connection,
+    id: &str,
+    items: &[ItemRequest],
+    hold: Duration,
+) -> AppResult<(StatusCode, Reservation)> {
+    match existing(conn, id)? {
         Some(reservation) if reservation.status.holds_stock() => {
             // A retry of a reservation that went through: same answer.
-            return Ok((StatusCode::OK, Json(reservation)));
+            return Ok((StatusCode::OK, reservation));
         }
         Some(reservation) => {
             return Err(AppError::conflict(format!(
@@ -147,34 +172,31 @@ pub async fn reserve(
         None => {}
     }
     let mut reserved = Vec::with_capacity(items.len());
-    for item in &items {
-        // Take the stock only if there is enough; one statement, no race.
-        let price_cents: Option<i64> = sqlx::query_scalar(
-            "UPDATE products SET stock = stock - ?1
-             WHERE id = ?2 AND stock >= ?1
-             RETURNING price_cents",
-        )
-        .bind(item.quantity)
-        .bind(item.product_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    // Take the stock only if there is enough; one statement, no race.
+    let mut take = conn.prepare_cached(
+        "UPDATE products SET stock = stock - ?1
+         WHERE id = ?2 AND stock >= ?1
+         RETURNING price_cents",
+    )?;
+    for item in items {
+        let price_cents: Option<i64> = take
+            .query_row((item.quantity, item.product_id), |row| row.get(0))
+            .optional()?;
         let Some(price_cents) = price_cents else {
-            // Dropping `tx` rolls back the lines already taken.
-            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM products WHERE id = ?")
-                .bind(item.product_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            counted(if exists.is_some() {
-                "insufficient"
-            } else {
-                "not_found"
-            });
-            return Err(match exists {
-                None => AppError::not_found(format!("Product {} not found", item.product_id)),
-                Some(_) => AppError::bad_request(format!(
+            // The error rolls back the lines already taken.
+            let exists = conn
+                .prepare_cached("SELECT 1 FROM products WHERE id = ?")?
+                .query_row([item.product_id], |_| Ok(()))
+                .optional()?
+                .is_some();
+            counted(if exists { "insufficient" } else { "not_found" });
+            return Err(if exists {
+                AppError::bad_request(format!(
                     "Insufficient stock for product {}",
                     item.product_id
-                )),
+                ))
+            } else {
+                AppError::not_found(format!("Product {} not found", item.product_id))
             });
         };
         reserved.push(ReservedItem {
@@ -183,43 +205,29 @@ pub async fn reserve(
             price: Money::from_cents(price_cents),
         });
     }
-    sqlx::query("INSERT INTO reservations (id, status, expires_at) VALUES (?, 'held', ?)")
-        .bind(&id)
-        .bind(unix_now() + state.hold.as_secs() as i64)
-        .execute(&mut *tx)
-        .await?;
+    conn.prepare_cached("INSERT INTO reservations (id, status, expires_at) VALUES (?, 'held', ?)")?
+        .execute((id, unix_now() + hold.as_secs() as i64))?;
+    let mut line = conn.prepare_cached(
+        "INSERT INTO reservation_items (reservation_id, product_id, quantity, price_cents)
+         VALUES (?, ?, ?, ?)",
+    )?;
     for item in &reserved {
-        sqlx::query(
-            "INSERT INTO reservation_items (reservation_id, product_id, quantity, price_cents)
-             VALUES (?, ?, ?, ?)",
-        )
-        .bind(&id)
-        .bind(item.product_id)
-        .bind(item.quantity)
-        .bind(item.price.cents())
-        .execute(&mut *tx)
-        .await?;
+        line.execute((id, item.product_id, item.quantity, item.price.cents()))?;
     }
     events::record(
-        &mut tx,
+        conn,
         SERVICE_NAME,
         "stock.reserved",
         format!("reservation/{id}"),
         json!({"reservation_id": id, "items": items_json(&reserved)}),
-    )
-    .await?;
-    service_kit::metrics::timed(SERVICE_NAME, "reserve_commit", tx.commit()).await?;
-    state.relay.wake();
-    counted("reserved");
-    service_kit::fault::exit_after("reserved");
-    tracing::info!(reservation = %id, lines = reserved.len(), "stock reserved");
+    )?;
     Ok((
         StatusCode::CREATED,
-        Json(Reservation {
-            id,
+        Reservation {
+            id: id.to_owned(),
             status: ReservationStatus::Held,
             items: reserved,
-        }),
+        },
     ))
 }
 
@@ -245,11 +253,14 @@ pub async fn get(
     if !valid_id(&id) {
         return Err(AppError::unprocessable("invalid reservation id"));
     }
-    let mut tx = state.db.read().begin().await?;
-    let reservation = existing(&mut tx, &id)
-        .await?
-        .ok_or_else(|| AppError::not_found("Reservation not found"))?;
-    Ok(Json(reservation))
+    let reservation = state.db.read(|conn| {
+        // One snapshot for the reservation and its lines.
+        let snapshot = conn.unchecked_transaction()?;
+        Ok::<_, AppError>(existing(&snapshot, &id)?)
+    })?;
+    Ok(Json(reservation.ok_or_else(|| {
+        AppError::not_found("Reservation not found")
+    })?))
 }
 
 /// `POST /reservations/{id}/confirm`: the order is placed; the hold no
@@ -276,33 +287,35 @@ pub async fn confirm(
     if !valid_id(&id) {
         return Err(AppError::unprocessable("invalid reservation id"));
     }
-    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
-    let reservation = existing(&mut tx, &id)
-        .await?
-        .ok_or_else(|| AppError::not_found("Reservation not found"))?;
-    match reservation.status {
-        ReservationStatus::Confirmed => Ok(Json(reservation)),
-        ReservationStatus::Held => {
-            sqlx::query(
-                "UPDATE reservations SET status = 'confirmed', expires_at = NULL
-                 WHERE id = ? AND status = 'held'",
-            )
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            counted("confirmed");
-            tracing::info!(reservation = %id, "reservation confirmed");
-            Ok(Json(Reservation {
-                status: ReservationStatus::Confirmed,
-                ..reservation
-            }))
+    let confirm = state.db.write(move |conn| {
+        let reservation =
+            existing(conn, &id)?.ok_or_else(|| AppError::not_found("Reservation not found"))?;
+        match reservation.status {
+            ReservationStatus::Confirmed => Ok((reservation, false)),
+            ReservationStatus::Held => {
+                conn.prepare_cached(
+                    "UPDATE reservations SET status = 'confirmed', expires_at = NULL
+                     WHERE id = ? AND status = 'held'",
+                )?
+                .execute([&id])?;
+                let confirmed = Reservation {
+                    status: ReservationStatus::Confirmed,
+                    ..reservation
+                };
+                Ok((confirmed, true))
+            }
+            other => Err(AppError::conflict(format!(
+                "Reservation {id} was already {}",
+                other.as_str()
+            ))),
         }
-        other => Err(AppError::conflict(format!(
-            "Reservation {id} was already {}",
-            other.as_str()
-        ))),
+    });
+    let (reservation, changed) = confirm.await?;
+    if changed {
+        counted("confirmed");
+        tracing::info!(reservation = %reservation.id, "reservation confirmed");
     }
+    Ok(Json(reservation))
 }
 
 /// `POST /reservations/{id}/release`: gives the stock back, once (from
@@ -328,108 +341,109 @@ pub async fn release(
     if !valid_id(&id) {
         return Err(AppError::unprocessable("invalid reservation id"));
     }
-    let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
-    let reservation = release_in(&mut tx, &id, Value::Null).await?;
-    tx.commit().await?;
-    state.relay.wake();
+    let (reservation, released) = state
+        .db
+        .write(move |conn| release_in(conn, &id, Value::Null))
+        .await?;
+    if released {
+        state.relay.wake();
+        note_released(&reservation);
+    }
     Ok(Json(reservation))
 }
 
-/// Releases `id` in `tx` (see [`release`]); `cause` goes into the
-/// `stock.released` event (the cancelled order, say).
-pub async fn release_in(
-    tx: &mut Transaction<'static, Sqlite>,
-    id: &str,
-    cause: Value,
-) -> AppResult<Reservation> {
-    let reservation = match existing(tx, id).await? {
-        Some(r) if !r.status.holds_stock() => return Ok(r),
+/// Releases `id` in the write `conn` is doing (see [`release`]); `cause`
+/// goes into the `stock.released` event (the cancelled order, say). The
+/// reservation, and whether this gave its stock back (then
+/// [`note_released`] once committed).
+pub fn release_in(conn: &Connection, id: &str, cause: Value) -> AppResult<(Reservation, bool)> {
+    let reservation = match existing(conn, id)? {
+        Some(r) if !r.status.holds_stock() => return Ok((r, false)),
         Some(r) => r,
         None => {
             // Never reserved (or not yet): remember the release so a late
             // reserve with this id is refused.
-            sqlx::query("INSERT INTO reservations (id, status) VALUES (?, 'released')")
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-            return Ok(Reservation {
+            conn.prepare_cached("INSERT INTO reservations (id, status) VALUES (?, 'released')")?
+                .execute([id])?;
+            let released = Reservation {
                 id: id.to_owned(),
                 status: ReservationStatus::Released,
                 items: Vec::new(),
-            });
+            };
+            return Ok((released, false));
         }
     };
-    give_back(tx, &reservation.items).await?;
-    sqlx::query(
+    give_back(conn, &reservation.items)?;
+    conn.prepare_cached(
         "UPDATE reservations SET status = 'released', expires_at = NULL
          WHERE id = ? AND status IN ('held', 'confirmed')",
-    )
-    .bind(id)
-    .execute(&mut **tx)
-    .await?;
+    )?
+    .execute([id])?;
     events::record(
-        tx,
+        conn,
         SERVICE_NAME,
         "stock.released",
         format!("reservation/{id}"),
         json!({"reservation_id": id, "items": items_json(&reservation.items), "cause": cause}),
-    )
-    .await?;
-    counted("released");
-    tracing::info!(reservation = %id, lines = reservation.items.len(), "stock released");
-    Ok(Reservation {
+    )?;
+    let released = Reservation {
         status: ReservationStatus::Released,
         ..reservation
-    })
+    };
+    Ok((released, true))
 }
 
-async fn give_back(
-    tx: &mut Transaction<'static, Sqlite>,
-    items: &[ReservedItem],
-) -> Result<(), sqlx::Error> {
+/// Counts and logs a release [`release_in`] made, once it is committed.
+fn note_released(reservation: &Reservation) {
+    counted("released");
+    tracing::info!(reservation = %reservation.id, lines = reservation.items.len(), "stock released");
+}
+
+fn give_back(conn: &Connection, items: &[ReservedItem]) -> rusqlite::Result<()> {
+    let mut give = conn.prepare_cached("UPDATE products SET stock = stock + ? WHERE id = ?")?;
     for item in items {
-        sqlx::query("UPDATE products SET stock = stock + ? WHERE id = ?")
-            .bind(item.quantity)
-            .bind(item.product_id)
-            .execute(&mut **tx)
-            .await?;
+        give.execute((item.quantity, item.product_id))?;
     }
     Ok(())
 }
 
 /// Expires the held reservations whose time is up (their stock returns,
 /// `stock.expired` is recorded); how many.
-pub async fn expire_due(db: &Db) -> Result<usize, sqlx::Error> {
-    let mut tx = db.write().begin_with("BEGIN IMMEDIATE").await?;
-    let due: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM reservations WHERE status = 'held' AND expires_at <= ? LIMIT ?",
-    )
-    .bind(unix_now())
-    .bind(SWEEP_BATCH)
-    .fetch_all(&mut *tx)
-    .await?;
-    for id in &due {
-        let Some(reservation) = existing(&mut tx, id).await? else {
-            continue;
-        };
-        give_back(&mut tx, &reservation.items).await?;
-        sqlx::query("UPDATE reservations SET status = 'expired', expires_at = NULL WHERE id = ? AND status = 'held'")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        events::record(
-            &mut tx,
-            SERVICE_NAME,
-            "stock.expired",
-            format!("reservation/{id}"),
-            json!({"reservation_id": id, "items": items_json(&reservation.items)}),
-        )
+pub async fn expire_due(db: &Db) -> Result<usize, AppError> {
+    let expired = db
+        .write(|conn| {
+            let due: Vec<String> = conn
+                .prepare_cached(
+                    "SELECT id FROM reservations WHERE status = 'held' AND expires_at <= ? LIMIT ?",
+                )?
+                .query_map((unix_now(), SWEEP_BATCH), |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in &due {
+                let Some(reservation) = existing(conn, id)? else {
+                    continue;
+                };
+                give_back(conn, &reservation.items)?;
+                conn.prepare_cached(
+                    "UPDATE reservations SET status = 'expired', expires_at = NULL
+                     WHERE id = ? AND status = 'held'",
+                )?
+                .execute([id])?;
+                events::record(
+                    conn,
+                    SERVICE_NAME,
+                    "stock.expired",
+                    format!("reservation/{id}"),
+                    json!({"reservation_id": id, "items": items_json(&reservation.items)}),
+                )?;
+            }
+            Ok::<_, AppError>(due)
+        })
         .await?;
+    for id in &expired {
         counted("expired");
         tracing::warn!(reservation = %id, "reservation expired unconfirmed: stock returned");
     }
-    tx.commit().await?;
-    Ok(due.len())
+    Ok(expired.len())
 }
 
 /// Expires due reservations every `every`, forever.
@@ -456,49 +470,50 @@ pub async fn on_order_cancelled(state: &AppState, event: events::Delivered) -> R
         tracing::error!(event = %event.id, "order.cancelled without a reservation_id: ignored");
         return Ok(());
     };
-    let apply = async {
-        let mut tx = state.db.write().begin_with("BEGIN IMMEDIATE").await?;
-        if events::first_delivery(&mut tx, &event.id).await? {
+    let reservation_id = reservation_id.to_owned();
+    let released = state
+        .db
+        .write(move |conn| {
+            if !events::first_delivery(conn, &event.id)? {
+                return Ok(None);
+            }
             let cause = json!({"event": event.id, "order_id": event.data.get("order_id")});
-            release_in(&mut tx, reservation_id, cause).await?;
-        }
-        tx.commit().await?;
-        Ok::<_, AppError>(())
-    };
-    apply.await.map_err(|err| err.to_string())?;
+            let (reservation, released) = release_in(conn, &reservation_id, cause)?;
+            Ok::<_, AppError>(released.then_some(reservation))
+        })
+        .await
+        .map_err(|err| err.to_string())?;
+    if let Some(reservation) = released {
+        note_released(&reservation);
+    }
     state.relay.wake();
     Ok(())
 }
 
-async fn existing(
-    tx: &mut Transaction<'static, Sqlite>,
-    id: &str,
-) -> Result<Option<Reservation>, sqlx::Error> {
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM reservations WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?;
+/// The reservation `id` with its lines, if it was ever seen. Run it in a
+/// transaction: two statements.
+fn existing(conn: &Connection, id: &str) -> rusqlite::Result<Option<Reservation>> {
+    let status: Option<String> = conn
+        .prepare_cached("SELECT status FROM reservations WHERE id = ?")?
+        .query_row([id], |row| row.get(0))
+        .optional()?;
     let Some(status) = status else {
         return Ok(None);
     };
     let status = ReservationStatus::parse(&status).unwrap_or(ReservationStatus::Released);
-    let rows = sqlx::query(
-        "SELECT product_id, quantity, price_cents FROM reservation_items
-         WHERE reservation_id = ? ORDER BY product_id",
-    )
-    .bind(id)
-    .fetch_all(&mut **tx)
-    .await?;
-    let items = rows
-        .iter()
-        .map(|row| {
+    let items = conn
+        .prepare_cached(
+            "SELECT product_id, quantity, price_cents FROM reservation_items
+             WHERE reservation_id = ? ORDER BY product_id",
+        )?
+        .query_map([id], |row| {
             Ok(ReservedItem {
-                product_id: row.try_get("product_id")?,
-                quantity: row.try_get("quantity")?,
-                price: Money::from_cents(row.try_get("price_cents")?),
+                product_id: row.get("product_id")?,
+                quantity: row.get("quantity")?,
+                price: Money::from_cents(row.get("price_cents")?),
             })
-        })
-        .collect::<Result<_, sqlx::Error>>()?;
+        })?
+        .collect::<Result<_, _>>()?;
     Ok(Some(Reservation {
         id: id.to_owned(),
         status,

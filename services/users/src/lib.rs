@@ -8,14 +8,13 @@ use axum::extract::RawQuery;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
+use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 use service_kit::db::{self, Db, DbError, Migration};
 use service_kit::extract::{Json, Path, Query};
 use service_kit::openapi::{ErrorBody, PageParams};
 use service_kit::page::Page;
 use service_kit::{AppError, AppResult};
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -107,13 +106,14 @@ pub struct User {
 }
 
 impl User {
-    fn from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
+    /// A row of [`USER_COLUMNS`].
+    fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
         Ok(User {
-            id: row.try_get("id")?,
-            username: row.try_get("username")?,
-            email: row.try_get("email")?,
-            full_name: row.try_get("full_name")?,
-            is_active: row.try_get("is_active")?,
+            id: row.get("id")?,
+            username: row.get("username")?,
+            email: row.get("email")?,
+            full_name: row.get("full_name")?,
+            is_active: row.get("is_active")?,
         })
     }
 }
@@ -190,27 +190,29 @@ async fn create_user(
     Json(new_user): Json<NewUser>,
 ) -> AppResult<(StatusCode, Json<User>)> {
     let new_user = new_user.validated()?;
-    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO users (username, email, full_name) VALUES (?, ?, ?) RETURNING {USER_COLUMNS}"
-    )))
-    .bind(&new_user.username)
-    .bind(&new_user.email)
-    .bind(&new_user.full_name)
-    .fetch_one(state.db.write());
-    let inserted = service_kit::metrics::timed(SERVICE_NAME, "user_insert", inserted).await;
-    match inserted {
-        Ok(row) => {
-            users_created().inc();
-            Ok((StatusCode::CREATED, Json(User::from_row(&row)?)))
+    let insert = state.db.write(move |conn| {
+        let inserted = conn
+            .prepare_cached(&format!(
+                "INSERT INTO users (username, email, full_name) VALUES (?, ?, ?) RETURNING {USER_COLUMNS}"
+            ))?
+            .query_row(
+                (&new_user.username, &new_user.email, &new_user.full_name),
+                User::from_row,
+            );
+        match inserted {
+            Ok(user) => Ok(user),
+            Err(err) if db::is_unique_violation(&err, "users.username") => {
+                Err(AppError::conflict("Username already exists"))
+            }
+            Err(err) if db::is_unique_violation(&err, "users.email") => {
+                Err(AppError::conflict("Email already exists"))
+            }
+            Err(err) => Err(err.into()),
         }
-        Err(err) if db::is_unique_violation(&err, "users.username") => {
-            Err(AppError::conflict("Username already exists"))
-        }
-        Err(err) if db::is_unique_violation(&err, "users.email") => {
-            Err(AppError::conflict("Email already exists"))
-        }
-        Err(err) => Err(err.into()),
-    }
+    });
+    let user = service_kit::metrics::timed(SERVICE_NAME, "user_insert", insert).await?;
+    users_created().inc();
+    Ok((StatusCode::CREATED, Json(user)))
 }
 
 /// The users, in id order, a page at a time.
@@ -232,17 +234,14 @@ async fn list_users(
     RawQuery(query): RawQuery,
 ) -> AppResult<Response> {
     let page = Page::new(list.limit, list.after_id)?;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_COLUMNS} FROM users WHERE id > ? ORDER BY id LIMIT ?"
-    )))
-    .bind(page.after_id)
-    .bind(page.fetch())
-    .fetch_all(state.db.read())
-    .await?;
-    let users = rows
-        .iter()
-        .map(User::from_row)
-        .collect::<Result<Vec<_>, _>>()?;
+    let users = state.db.read(|conn| {
+        conn.prepare_cached(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE id > ? ORDER BY id LIMIT ?"
+        ))?
+        .query_map((page.after_id, page.fetch()), User::from_row)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(AppError::from)
+    })?;
     Ok(page.answer(users, |user| user.id, query.as_deref()))
 }
 
@@ -260,15 +259,17 @@ async fn list_users(
     )
 )]
 async fn get_user(State(state): State<AppState>, Path(id): Path<i64>) -> AppResult<Json<User>> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {USER_COLUMNS} FROM users WHERE id = ?"
-    )))
-    .bind(id)
-    .fetch_optional(state.db.read());
-    let row = service_kit::metrics::timed(SERVICE_NAME, "user_get", row)
-        .await?
-        .ok_or_else(|| AppError::not_found("User not found"))?;
-    Ok(Json(User::from_row(&row)?))
+    let user = service_kit::metrics::time(SERVICE_NAME, "user_get", || {
+        state.db.read(|conn| {
+            conn.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?"))?
+                .query_row([id], User::from_row)
+                .optional()
+                .map_err(AppError::from)
+        })
+    })?;
+    Ok(Json(
+        user.ok_or_else(|| AppError::not_found("User not found"))?,
+    ))
 }
 
 /// `users_created_total`.
