@@ -42,3 +42,10 @@ pub mod testing;
 pub mod trace;
 
 pub use error::{AppError, AppResult};
+
+/// The allocator each service binary declares (`#[global_allocator]`):
+/// jemalloc, whose thread caches serve the many small allocations of a
+/// request (headers, JSON, rows) with less work than glibc's malloc, and
+/// whose background thread returns unused pages outside the request path
+/// (measured in `bench/notes.md`, "The services").
+pub use tikv_jemallocator::Jemalloc;

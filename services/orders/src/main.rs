@@ -10,6 +10,9 @@ use order_service::{
     AppState, Dependencies, Recovery, SERVICE_NAME, app, open_db, start_background,
 };
 
+#[global_allocator]
+static GLOBAL: service_kit::Jemalloc = service_kit::Jemalloc;
+
 /// Order service: places orders, reserving stock at the product service.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -8,6 +8,9 @@ use std::time::Duration;
 use clap::Parser;
 use product_service::{AppState, SERVICE_NAME, app, open_db, start_background};
 
+#[global_allocator]
+static GLOBAL: service_kit::Jemalloc = service_kit::Jemalloc;
+
 /// Product service: catalogue, stock and reservations.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use user_service::{AppState, SERVICE_NAME, app, open_db};
 
+#[global_allocator]
+static GLOBAL: service_kit::Jemalloc = service_kit::Jemalloc;
+
 /// User service: registration and lookup of users.
 #[derive(Debug, Parser)]
 #[command(version, about)]
