@@ -108,9 +108,20 @@ routes:
                 .map(|a| a.trim().trim_matches('"').parse().unwrap())
                 .unwrap()
         };
+        let listen = address("listen: ");
+        // The line waited for is the admin listener's; the proxy's own
+        // listener may bind a moment later.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the gateway never listened on {listen}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Gateway {
             process,
-            listen: address("listen: "),
+            listen,
             admin: address("admin_listen: "),
             config,
         }

@@ -8,6 +8,8 @@
 //!   are the same everywhere: `ts level service msg request_id trace_id
 //!   span_id` and, for access lines, `method path route status duration_ms
 //!   upstream attempts error timeout`.
+//! - [`log_buffer`]: log lines appended to a buffer that a thread writes
+//!   to stdout every 100 ms: no system call per line on the request path.
 //! - [`export`]: OTLP export of finished spans (off unless
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set) and the sampling decision.
 //! - `receiver` (feature `receiver`, for tests): an OTLP/HTTP receiver that
@@ -15,6 +17,7 @@
 
 pub mod export;
 pub mod log;
+pub mod log_buffer;
 #[cfg(feature = "receiver")]
 pub mod receiver;
 pub mod trace;

@@ -18,7 +18,7 @@
 #[cfg(not(target_env = "msvc"))]
 pub mod allocator;
 pub mod listener;
-pub mod log_buffer;
+pub use telemetry::log_buffer;
 pub mod upstream_pool;
 pub mod worker_stream;
 pub mod workers;

@@ -32,11 +32,30 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 pub const SERVICE_VERSION: &str = "1.0.0";
 
 /// Sets up `tracing` output for `service` in `format`: `RUST_LOG` if set,
-/// else `info`. A second call (tests) keeps the first subscriber.
-pub fn init_tracing(service: &'static str, format: telemetry::log::LogFormat) {
+/// else `info`, through the buffered writer of [`telemetry::log_buffer`]
+/// (lines appear within 100 ms; the guard returned writes out the rest
+/// when `main` drops it). A second call (tests) keeps the first
+/// subscriber.
+pub fn init_tracing(service: &'static str, format: telemetry::log::LogFormat) -> LogGuard {
     use std::io::IsTerminal;
+    use telemetry::log_buffer;
     let ansi = std::io::stdout().is_terminal();
-    telemetry::log::init(service, format, ansi, std::io::stdout);
+    if telemetry::log::init(service, format, ansi, log_buffer::BufferedStdout)
+        && let Err(err) = log_buffer::start_flusher()
+    {
+        eprintln!("{service}: cannot start the log writer thread: {err}");
+    }
+    LogGuard
+}
+
+/// Writes out the log lines still buffered when dropped: `main` holds it.
+#[must_use = "hold it until main returns: dropping it writes out the buffered lines"]
+pub struct LogGuard;
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        telemetry::log_buffer::flush();
+    }
 }
 
 /// Adds what every service router needs: `GET /health` for `service`,

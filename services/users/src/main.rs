@@ -32,7 +32,7 @@ struct Settings {
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
-    service_kit::serve::init_tracing(SERVICE_NAME, settings.log_format);
+    let _logs = service_kit::serve::init_tracing(SERVICE_NAME, settings.log_format);
     let registry = match settings.registry.plan() {
         Ok(plan) => plan,
         Err(err) => {

@@ -2,7 +2,8 @@
 //! background thread writes to stdout every [`FLUSH_INTERVAL`] (or at once
 //! when [`FLUSH_BYTES`] are waiting).
 //!
-//! The access log writes a line per request. Writing it to stdout directly
+//! The gateway's access log and the services' request log write a line
+//! per request. Writing it to stdout directly
 //! costs a system call per request; handing it to a writer thread through a
 //! channel costs a thread wake-up per request when traffic is light. Here a
 //! request only appends its line to a buffer under a short lock; lines stay
@@ -36,8 +37,8 @@ pub fn set_plain(plain: bool) {
     PLAIN.store(plain, Ordering::Relaxed);
 }
 
-/// Whether lines may be formatted by hand and [`append`]ed (the access
-/// log's fast path; see `proxy::access_log`).
+/// Whether lines may be formatted by hand and [`append`]ed (the gateway's
+/// access log's fast path; see its `proxy::access_log`).
 pub fn plain() -> bool {
     PLAIN.load(Ordering::Relaxed)
 }
@@ -129,7 +130,7 @@ impl<'a> MakeWriter<'a> for BufferedStdout {
 /// Starts the thread that writes the buffer out every [`FLUSH_INTERVAL`].
 pub fn start_flusher() -> std::io::Result<()> {
     std::thread::Builder::new()
-        .name("gateway-log".to_owned())
+        .name("log-writer".to_owned())
         .spawn(|| {
             loop {
                 std::thread::sleep(FLUSH_INTERVAL);
