@@ -122,6 +122,9 @@ impl DbTimer {
             .db
             .with_label_values(&[service, op])
             .observe(self.started.elapsed().as_secs_f64());
+        if !self.span.exported() {
+            return;
+        }
         self.span.finish(
             format!("db {op}"),
             telemetry::export::SpanKind::Internal,

@@ -90,6 +90,12 @@ impl Child {
         }
     }
 
+    /// Whether [`Child::finish`] will export it: callers skip building its
+    /// name and attributes when not.
+    pub fn exported(&self) -> bool {
+        self.context.is_some() && self.started.is_some()
+    }
+
     /// Ends the span; `error` if its work failed.
     pub fn finish(
         self,
