@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    Backend, BlackHole, Dropper, GatewayProcess, IdleCloser, Upgrader, instance_healthy,
-    single_route,
+    Backend, BlackHole, Dropper, EARLY_ANSWER, EarlyAnswerer, GatewayProcess, IdleCloser, Upgrader,
+    instance_healthy, single_route,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -713,5 +713,52 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
         }
         data.extend_from_slice(&raw[..size]);
         raw = &raw[size + 2..];
+    }
+}
+
+#[tokio::test]
+async fn an_answer_sent_before_the_body_was_taken_reaches_the_client() {
+    // The body is far larger than the socket buffers between the gateway
+    // and the instance, so writing it fails once the instance has answered
+    // and closed: the client must still get the instance's answer, not a 502.
+    const SIZE: usize = 32 * 1024 * 1024;
+    let early = EarlyAnswerer::start();
+    let gateway = GatewayProcess::start(&single_route("", early.addr)).await;
+    for round in 0..3 {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nhost: test\r\ncontent-type: application/octet-stream\r\ncontent-length: {SIZE}\r\n\r\n"
+        );
+        let stream = gateway.send_raw(head.as_bytes()).await;
+        let (mut reader, mut writer) = stream.into_split();
+        let sender = tokio::spawn(async move {
+            let chunk = vec![0x5Au8; 64 * 1024];
+            for _ in 0..SIZE / chunk.len() {
+                if writer.write_all(&chunk).await.is_err() {
+                    return; // the gateway closed: the rest is not wanted
+                }
+            }
+        });
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        read.await.expect("the answer came within 10 s");
+        sender.abort();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 413"),
+            "round {round}: {answer}"
+        );
+        assert!(answer.ends_with(EARLY_ANSWER), "round {round}: {answer}");
+        assert!(
+            answer.to_lowercase().contains("connection: close"),
+            "the client's unread body ends its connection: {answer}"
+        );
     }
 }

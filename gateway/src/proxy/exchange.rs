@@ -81,7 +81,63 @@ pub async fn exchange(
         .await
         .map_err(|e| e.into_up())?;
 
-    // What an earlier attempt already read of the body, then the rest.
+    let (mut response, early) = match send_body(session, upstream, ctx, route).await {
+        Ok(()) => (read_final_header(upstream, ctx).await?, false),
+        // An upstream may answer before it has read the whole body (a 413,
+        // a 401, a 405 ...) and close: writing the rest then fails, but its
+        // answer is already here, and it is what the client must see. The
+        // client's unread body ends its connection after this response.
+        Err(error)
+            if error.esource() == &ErrorSource::Upstream
+                && error.etype() == &ErrorType::WriteError =>
+        {
+            match read_final_header(upstream, ctx).await {
+                Ok(response) => {
+                    tracing::debug!(error = %error, request_id = %ctx.request_id, "the upstream answered before taking the whole body");
+                    ctx.close = true;
+                    (response, true)
+                }
+                Err(_) => return Err(error),
+            }
+        }
+        Err(error) => return Err(error),
+    };
+    if !response.status.is_informational() {
+        attempt::record_response(ctx, route, response.status.as_u16());
+    }
+    downstream_response(session, &mut response, ctx, route).map_err(|e| e.into_in())?;
+    send_header(session, ctx, response)
+        .await
+        .map_err(|e| e.into_down())?;
+
+    if upstream.was_upgraded() && session.was_upgraded() {
+        tunnel(session, upstream).await?;
+        return Ok(Exchanged::Spent);
+    }
+    // A response-body hook for plugins would run here, on each chunk.
+    while let Some(chunk) = upstream.read_body_bytes().await.map_err(|e| e.into_up())? {
+        check_total_deadline(ctx)?;
+        session
+            .write_response_body(chunk, false)
+            .await
+            .map_err(|e| e.into_down())?;
+    }
+    session.finish_body().await.map_err(|e| e.into_down())?;
+    Ok(if early {
+        Exchanged::Spent
+    } else {
+        Exchanged::Reusable
+    })
+}
+
+/// The request body: what an earlier attempt already read of it, then the
+/// rest as it comes from the client, chunk by chunk.
+async fn send_body(
+    session: &mut ServerSession,
+    upstream: &mut UpstreamSession,
+    ctx: &mut RequestCtx<'_>,
+    route: &Route,
+) -> pingora::Result<()> {
     if let Some(replay) = session.get_retry_buffer()
         && !replay.is_empty()
     {
@@ -107,10 +163,16 @@ pub async fn exchange(
         upstream.write_body(&chunk).await.map_err(|e| e.into_up())?;
     }
     upstream.finish_body().await.map_err(|e| e.into_up())?;
+    Ok(())
+}
 
-    // The response header; interim (1xx) answers other than an upgrade are
-    // not passed on.
-    let mut response = loop {
+/// The upstream's final response header (or a `101`), shaped for the
+/// client; interim (1xx) answers other than an upgrade are not passed on.
+async fn read_final_header(
+    upstream: &mut UpstreamSession,
+    ctx: &RequestCtx<'_>,
+) -> pingora::Result<Box<ResponseHeader>> {
+    loop {
         upstream.read_response().await.map_err(|e| e.into_up())?;
         let Some(header) = upstream.resp_header() else {
             return Error::e_explain(ErrorType::InvalidHTTPHeader, "no response header")
@@ -118,33 +180,11 @@ pub async fn exchange(
         };
         if !header.status.is_informational() || header.status == StatusCode::SWITCHING_PROTOCOLS {
             let preserve_case = ctx.snapshot.config.preserve_header_case;
-            break Box::new(
+            return Ok(Box::new(
                 forwarding::header_copy_response(header, preserve_case).map_err(|e| e.into_up())?,
-            );
+            ));
         }
-    };
-    if !response.status.is_informational() {
-        attempt::record_response(ctx, route, response.status.as_u16());
     }
-    downstream_response(session, &mut response, ctx, route).map_err(|e| e.into_in())?;
-    send_header(session, ctx, response)
-        .await
-        .map_err(|e| e.into_down())?;
-
-    if upstream.was_upgraded() && session.was_upgraded() {
-        tunnel(session, upstream).await?;
-        return Ok(Exchanged::Spent);
-    }
-    // A response-body hook for plugins would run here, on each chunk.
-    while let Some(chunk) = upstream.read_body_bytes().await.map_err(|e| e.into_up())? {
-        check_total_deadline(ctx)?;
-        session
-            .write_response_body(chunk, false)
-            .await
-            .map_err(|e| e.into_down())?;
-    }
-    session.finish_body().await.map_err(|e| e.into_down())?;
-    Ok(Exchanged::Reusable)
 }
 
 /// The request header as it goes upstream: hop-by-hop fields out, prefix

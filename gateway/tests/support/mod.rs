@@ -376,6 +376,42 @@ impl Dropper {
     }
 }
 
+/// Answers `GET /health` with 200, and every other request with `413`
+/// as soon as it has read the request header, then closes without reading
+/// the body: a service that refuses a body before taking it.
+pub struct EarlyAnswerer {
+    pub addr: SocketAddr,
+    _server: RawServer,
+}
+
+/// What [`EarlyAnswerer`] says to a request with a body.
+pub const EARLY_ANSWER: &str = "not taking this body";
+
+impl EarlyAnswerer {
+    pub fn start() -> EarlyAnswerer {
+        use std::io::Write;
+        let server = raw_server(move |mut socket| {
+            let mut seen = Vec::new();
+            while let Some(head) = read_head(&mut socket, &mut seen) {
+                if head.starts_with("get /health") {
+                    let _ = socket.write_all(HEALTH_OK);
+                } else {
+                    let answer = format!(
+                        "HTTP/1.1 413 Content Too Large\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{EARLY_ANSWER}",
+                        EARLY_ANSWER.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes());
+                    return; // closed with the body unread
+                }
+            }
+        });
+        EarlyAnswerer {
+            addr: server.addr,
+            _server: server,
+        }
+    }
+}
+
 /// Answers every request with 200 on a keep-alive connection, and closes
 /// a connection left idle for `idle`, without a word: the instance's own
 /// keep-alive timeout, shorter than the gateway's.
