@@ -97,7 +97,8 @@ pub fn record(
 ) -> Result<String, rusqlite::Error> {
     let event = Event {
         specversion: "1.0",
-        id: uuid::Uuid::new_v4().to_string(),
+        // Time-ordered (v7): `outbox.event_id`'s index grows at its end.
+        id: uuid::Uuid::now_v7().to_string(),
         kind,
         source,
         time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),

@@ -114,7 +114,7 @@ pub async fn reserve(
                 "id must be 1 to {MAX_ID_CHARS} letters, digits, '-' or '_'"
             )));
         }
-        None => uuid::Uuid::new_v4().to_string(),
+        None => uuid::Uuid::now_v7().to_string(),
     };
     if request.items.is_empty() {
         return Err(AppError::unprocessable("items must not be empty"));
