@@ -391,6 +391,9 @@ fn open_writer(path: &Path) -> Result<Connection, rusqlite::Error> {
     // loss can drop the last transactions.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // The savepoint of each grouped write journals in memory: no temporary
+    // file created, written and unlinked for it.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
