@@ -354,19 +354,10 @@ pub struct Dropper {
 
 impl Dropper {
     pub fn start() -> Dropper {
-        use std::io::Write;
         let dropped = Arc::new(AtomicU64::new(0));
         let count = Arc::clone(&dropped);
-        let server = raw_server(move |mut socket| {
-            let mut seen = Vec::new();
-            while let Some(head) = read_head(&mut socket, &mut seen) {
-                if head.starts_with("get /health") {
-                    let _ = socket.write_all(HEALTH_OK);
-                } else {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    return; // drop the connection unanswered
-                }
-            }
+        let server = healthy_then(move |_| {
+            count.fetch_add(1, Ordering::SeqCst); // dropped unanswered
         });
         Dropper {
             addr: server.addr,
@@ -374,6 +365,24 @@ impl Dropper {
             _server: server,
         }
     }
+}
+
+/// Answers `GET /health` with 200 on each connection; the first other
+/// request's connection goes to `other` (its head read, nothing more),
+/// then closes.
+fn healthy_then(other: impl Fn(&mut std::net::TcpStream) + Send + Sync + 'static) -> RawServer {
+    use std::io::Write;
+    raw_server(move |mut socket| {
+        let mut seen = Vec::new();
+        while let Some(head) = read_head(&mut socket, &mut seen) {
+            if head.starts_with("get /health") {
+                let _ = socket.write_all(HEALTH_OK);
+            } else {
+                other(&mut socket);
+                return;
+            }
+        }
+    })
 }
 
 /// Answers `GET /health` with 200, and every other request with `413`
@@ -389,21 +398,13 @@ pub const EARLY_ANSWER: &str = "not taking this body";
 
 impl EarlyAnswerer {
     pub fn start() -> EarlyAnswerer {
-        use std::io::Write;
-        let server = raw_server(move |mut socket| {
-            let mut seen = Vec::new();
-            while let Some(head) = read_head(&mut socket, &mut seen) {
-                if head.starts_with("get /health") {
-                    let _ = socket.write_all(HEALTH_OK);
-                } else {
-                    let answer = format!(
-                        "HTTP/1.1 413 Content Too Large\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{EARLY_ANSWER}",
-                        EARLY_ANSWER.len()
-                    );
-                    let _ = socket.write_all(answer.as_bytes());
-                    return; // closed with the body unread
-                }
-            }
+        let server = healthy_then(|socket| {
+            use std::io::Write;
+            let answer = format!(
+                "HTTP/1.1 413 Content Too Large\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{EARLY_ANSWER}",
+                EARLY_ANSWER.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()); // closed with the body unread
         });
         EarlyAnswerer {
             addr: server.addr,
@@ -653,6 +654,13 @@ impl GatewayProcess {
             if let Ok(Some(_)) = gateway.child.try_wait() {
                 eprintln!("gateway exited early:\n{}", gateway.log());
                 return None;
+            }
+            // The port picked for it was taken again between `free_port`
+            // and the gateway's bind (by another test's socket): Pingora
+            // would retry the same port for 30 s. Start over on new ports.
+            if gateway.log().contains("is in use, will try again") {
+                eprintln!("gateway's port was taken meanwhile: starting over");
+                return None; // dropping it stops the process
             }
             if let Ok(response) = client.get(gateway.url("/health")).send().await
                 && response.status().is_success()
