@@ -19,16 +19,26 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 impl Etcd {
-    /// Starts a one-member cluster and waits until it answers.
+    /// Starts a one-member cluster and waits until it answers. A port
+    /// picked free can be taken (by another test's socket) before etcd
+    /// binds it: etcd then exits, and new ports are tried.
     pub async fn start() -> std::io::Result<Etcd> {
-        let mut etcd = Etcd {
-            client_port: free_port()?,
-            peer_port: free_port()?,
-            data: tempfile::tempdir()?,
-            child: None,
-        };
-        etcd.start_again().await?;
-        Ok(etcd)
+        let mut attempts = 0;
+        loop {
+            let mut etcd = Etcd {
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                data: tempfile::tempdir()?,
+                child: None,
+            };
+            match etcd.start_again().await {
+                Ok(()) => return Ok(etcd),
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && attempts < 3 => {
+                    attempts += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// `HOST:PORT` of the client listener.
@@ -72,13 +82,33 @@ impl Etcd {
             if let Ok(mut etcd) = crate::connect(&endpoints).await
                 && let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), etcd.status()).await
             {
-                return Ok(());
+                // What answered may be another test's etcd on a port taken
+                // meanwhile: this one would have exited by now.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return self.exited_early();
             }
+            self.exited_early()?;
             if Instant::now() > deadline {
                 return Err(std::io::Error::other("etcd did not start in 15 s"));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// An `AddrInUse` error if the server has exited.
+    fn exited_early(&mut self) -> std::io::Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "etcd exited ({status}): port {} or {} taken?",
+                    self.client_port, self.peer_port
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Kills the server (its data stays) and waits until its port is free.

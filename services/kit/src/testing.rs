@@ -209,18 +209,28 @@ pub struct Nats {
 }
 
 impl Nats {
-    /// Starts a server and waits until it accepts connections.
+    /// Starts a server and waits until it accepts connections. A port
+    /// picked free can be taken (by another test's socket) before the
+    /// server binds it: the server then exits, and a new port is tried.
     pub async fn start() -> std::io::Result<Nats> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut nats = Nats {
-            port,
-            store: tempfile::tempdir()?,
-            child: None,
-        };
-        nats.start_again().await?;
-        Ok(nats)
+        let mut attempts = 0;
+        loop {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let mut nats = Nats {
+                port,
+                store: tempfile::tempdir()?,
+                child: None,
+            };
+            match nats.start_again().await {
+                Ok(()) => return Ok(nats),
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && attempts < 3 => {
+                    attempts += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -253,10 +263,27 @@ impl Nats {
             .await
             .is_err()
         {
+            self.exited_early()?;
             if std::time::Instant::now() > deadline {
                 return Err(std::io::Error::other("nats-server did not start in 10 s"));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // What answered may be another test's server on a port taken
+        // meanwhile: this one would have exited by now.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        self.exited_early()
+    }
+
+    /// An `AddrInUse` error if the server has exited.
+    fn exited_early(&mut self) -> std::io::Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("nats-server exited ({status}): port {} taken?", self.port),
+            ));
         }
         Ok(())
     }
