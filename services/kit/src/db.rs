@@ -350,8 +350,15 @@ fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Box<dyn Job>>) {
             };
             let (keep, answer) = job.run(&savepoint);
             answers.push(answer);
-            // Dropping an unreleased savepoint rolls it back.
-            if keep && let Err(err) = savepoint.commit() {
+            // `finish` rolls an unkept savepoint back (and releases it);
+            // one that cannot be ended leaves the transaction in doubt, so
+            // the whole group fails rather than keep half a write.
+            let ended = if keep {
+                savepoint.commit()
+            } else {
+                savepoint.finish()
+            };
+            if let Err(err) = ended {
                 broken = Some(err);
             }
         }
