@@ -68,8 +68,8 @@ pub struct Dependencies {
 /// Where one dependency is.
 #[derive(Clone)]
 enum Target {
-    /// One base URL.
-    Fixed(String),
+    /// One base URL, parsed once.
+    Fixed(reqwest::Url),
     /// The instances registered in etcd, in turn.
     Registry {
         service: &'static str,
@@ -82,7 +82,7 @@ enum Target {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Fixed(url) => write!(f, "{url}"),
+            Target::Fixed(url) => write!(f, "{}", url.as_str().trim_end_matches('/')),
             Target::Registry { service, .. } => write!(f, "registry:{service}"),
         }
     }
@@ -99,13 +99,13 @@ impl Target {
     }
 
     /// Base URLs to try, in order.
-    fn bases(&self) -> Vec<String> {
+    fn bases(&self) -> Vec<reqwest::Url> {
         match self {
             Target::Fixed(url) => vec![url.clone()],
             Target::Registry { instances, .. } => instances
                 .candidates()
                 .into_iter()
-                .map(|address| format!("http://{address}"))
+                .filter_map(|address| reqwest::Url::parse(&format!("http://{address}")).ok())
                 .collect(),
         }
     }
@@ -150,7 +150,7 @@ impl Dependencies {
                     url: url.to_owned(),
                 });
             }
-            Ok(url.trim_end_matches('/').to_owned())
+            Ok(parsed)
         };
         let users = Target::Fixed(base("users", users_url)?);
         let products = Target::Fixed(base("products", products_url)?);
@@ -171,17 +171,19 @@ impl Dependencies {
         })
     }
 
-    /// Sends the request `build` makes for a base URL of `target`, trying
-    /// the next instance while one cannot be connected to.
+    /// Sends the request `build` makes for the URL of `path` (its
+    /// segments) at a base URL of `target`, trying the next instance while
+    /// one cannot be connected to.
     async fn call(
         &self,
         target: &Target,
         name: &'static str,
-        build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+        path: &[&str],
+        build: impl Fn(&reqwest::Client, reqwest::Url) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, CallError> {
         let mut last = CallError::NoInstance;
         for base in target.bases() {
-            match send(build(&self.http, &base), name).await {
+            match send(build(&self.http, join(&base, path)), name).await {
                 Ok(response) => return Ok(response),
                 Err(err) if err.is_connect() => {
                     tracing::debug!(%base, error = %err, "cannot connect: trying the next instance");
@@ -197,9 +199,12 @@ impl Dependencies {
     /// cannot answer.
     pub async fn check_user(&self, user_id: i64) -> Result<(), AppError> {
         let response = self
-            .call(&self.users, "GET user-service /users/{id}", |http, base| {
-                http.get(format!("{base}/users/{user_id}"))
-            })
+            .call(
+                &self.users,
+                "GET user-service /users/{id}",
+                &["users", &user_id.to_string()],
+                |http, url| http.get(url),
+            )
             .await
             .map_err(|err| unreachable("User service", &err))?;
         match response.status() {
@@ -230,7 +235,8 @@ impl Dependencies {
             .call(
                 &self.products,
                 "POST product-service /reservations",
-                |http, base| http.post(format!("{base}/reservations")).json(&body),
+                &["reservations"],
+                |http, url| http.post(url).json(&body),
             )
             .await
         {
@@ -282,7 +288,8 @@ impl Dependencies {
             .call(
                 &self.products,
                 "POST product-service /reservations/{id}/confirm",
-                |http, base| http.post(format!("{base}/reservations/{reservation_id}/confirm")),
+                &["reservations", reservation_id, "confirm"],
+                |http, url| http.post(url),
             )
             .await
             .map_err(|err| unreachable("Product service", &err))?;
@@ -300,7 +307,8 @@ impl Dependencies {
             .call(
                 &self.products,
                 "GET product-service /reservations/{id}",
-                |http, base| http.get(format!("{base}/reservations/{reservation_id}")),
+                &["reservations", reservation_id],
+                |http, url| http.get(url),
             )
             .await
             .map_err(|err| unreachable("Product service", &err))?;
@@ -320,11 +328,13 @@ impl Dependencies {
     /// unreachable the order stays pending and recovery releases it later
     /// (releasing is idempotent).
     pub async fn release(&self, reservation_id: &str) -> bool {
+        let path = ["reservations", reservation_id, "release"];
         for attempt in 1..=RELEASE_ATTEMPTS {
             let call = self.call(
                 &self.products,
                 "POST product-service /reservations/{id}/release",
-                |http, base| http.post(format!("{base}/reservations/{reservation_id}/release")),
+                &path,
+                |http, url| http.post(url),
             );
             match call.await {
                 Ok(response) if response.status().is_success() => return true,
@@ -361,6 +371,16 @@ impl Refused {
             Refused::Clean(error) | Refused::Unknown { error, .. } => error,
         }
     }
+}
+
+/// `base` with `segments` appended to its path: the base's scheme and host
+/// are not parsed (and checked) again for every call.
+fn join(base: &reqwest::Url, segments: &[&str]) -> reqwest::Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
 }
 
 /// Sends `request` as a client span of the current request (named
@@ -423,4 +443,28 @@ async fn detail_of(response: reqwest::Response) -> String {
         .await
         .map(|d| d.detail)
         .unwrap_or_else(|_| format!("Product service answered {status}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::join;
+
+    #[test]
+    fn a_call_url_is_the_base_with_the_path_appended() {
+        let cases = [
+            ("http://127.0.0.1:8001", "http://127.0.0.1:8001/users/7"),
+            ("http://127.0.0.1:8001/", "http://127.0.0.1:8001/users/7"),
+            ("http://users.local/api", "http://users.local/api/users/7"),
+            ("http://users.local/api/", "http://users.local/api/users/7"),
+        ];
+        for (base, expected) in cases {
+            let base = reqwest::Url::parse(base).unwrap();
+            assert_eq!(join(&base, &["users", "7"]).as_str(), expected, "{base}");
+        }
+        let base = reqwest::Url::parse("http://p:1").unwrap();
+        assert_eq!(
+            join(&base, &["reservations", "01a2-b_c", "confirm"]).as_str(),
+            "http://p:1/reservations/01a2-b_c/confirm"
+        );
+    }
 }
