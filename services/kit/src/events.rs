@@ -16,7 +16,7 @@
 //! ([`first_delivery`]).
 //!
 //! The tables (`outbox`, `inbox`) are created by each service's own
-//! migration, [`OUTBOX_SQL`].
+//! migrations, [`OUTBOX_SQL`] then [`OUTBOX_V2_SQL`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -47,6 +47,37 @@ CREATE TABLE inbox (
     event_id   TEXT PRIMARY KEY,
     handled_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
+";
+
+/// The second step of the outbox and inbox tables, after [`OUTBOX_SQL`]:
+/// fewer b-trees written per event. Each b-tree a transaction touches is
+/// one more 4 KiB page in the WAL at its commit: the outbox's sequence is
+/// now the plain rowid (`AUTOINCREMENT` updated a row of `sqlite_sequence`
+/// on every insert; nothing deletes from the outbox, so the rowid grows
+/// just the same), and the inbox is stored in its primary key (`WITHOUT
+/// ROWID`: one b-tree, not a table and its index).
+pub const OUTBOX_V2_SQL: &str = "
+CREATE TABLE outbox_v2 (
+    -- Publication order: the rowid, never reused (rows are never deleted).
+    seq          INTEGER PRIMARY KEY,
+    event_id     TEXT NOT NULL UNIQUE,
+    subject      TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    created_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    published_at TEXT
+);
+INSERT INTO outbox_v2 (seq, event_id, subject, payload, created_at, published_at)
+    SELECT seq, event_id, subject, payload, created_at, published_at FROM outbox;
+DROP TABLE outbox;
+ALTER TABLE outbox_v2 RENAME TO outbox;
+CREATE INDEX outbox_unpublished ON outbox (seq) WHERE published_at IS NULL;
+CREATE TABLE inbox_v2 (
+    event_id   TEXT PRIMARY KEY,
+    handled_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+) WITHOUT ROWID;
+INSERT INTO inbox_v2 (event_id, handled_at) SELECT event_id, handled_at FROM inbox;
+DROP TABLE inbox;
+ALTER TABLE inbox_v2 RENAME TO inbox;
 ";
 
 /// Events published per round trip to the database.

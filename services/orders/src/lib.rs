@@ -52,6 +52,14 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: events::OUTBOX_SQL,
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../migrations/0004_fewer_btrees.sql"),
+    },
+    Migration {
+        version: 5,
+        sql: events::OUTBOX_V2_SQL,
+    },
 ];
 
 /// Most lines in one order (after merging duplicates).
@@ -497,5 +505,81 @@ mod tests {
             validated_items(&[item(2, 1), item(1, 1), item(2, 2)]).unwrap(),
             vec![item(1, 1), item(2, 3)]
         );
+    }
+
+    /// A file written before order lines were stored in their key keeps
+    /// its orders, lines and events across the migration.
+    #[tokio::test]
+    async fn the_fewer_btrees_migration_keeps_what_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orders.db");
+        let before = db::open(&path, &MIGRATIONS[..3]).await.unwrap();
+        before
+            .write(|conn| {
+                conn.execute_batch(
+                    "INSERT INTO orders (user_id, total_cents, status, reservation_id)
+                         VALUES (7, 263997, 'confirmed', 'r-1');
+                     INSERT INTO order_items VALUES (1, 1, 2, 129999), (1, 3, 1, 3999);
+                     INSERT INTO outbox (event_id, subject, payload) VALUES ('e-1', 'orders.confirmed', '{}');",
+                )
+                .map_err(db::Error::from)
+            })
+            .await
+            .unwrap();
+        before.close().await;
+
+        let after = open_db(&path).await.unwrap();
+        after
+            .write(|conn| {
+                events::record(
+                    conn,
+                    SERVICE_NAME,
+                    "order.cancelled",
+                    "order/1".into(),
+                    serde_json::json!({}),
+                )
+                .map_err(db::Error::from)
+            })
+            .await
+            .unwrap();
+        after
+            .read(|conn| {
+                let schema = |table: &str| -> rusqlite::Result<String> {
+                    conn.query_row(
+                        "SELECT sql FROM sqlite_schema WHERE name = ?",
+                        [table],
+                        |r| r.get(0),
+                    )
+                };
+                assert!(schema("order_items")?.ends_with("WITHOUT ROWID"));
+                assert!(!schema("outbox")?.contains("AUTOINCREMENT"));
+                let lines: i64 = conn.query_row(
+                    "SELECT sum(quantity * price_cents) FROM order_items WHERE order_id = 1",
+                    [],
+                    |r| r.get(0),
+                )?;
+                assert_eq!(lines, 263_997);
+                let events: Vec<(i64, String)> = conn
+                    .prepare("SELECT seq, subject FROM outbox ORDER BY seq")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                assert_eq!(
+                    events,
+                    [
+                        (1, "orders.confirmed".to_owned()),
+                        (2, "orders.cancelled".to_owned())
+                    ]
+                );
+                Ok::<_, db::Error>(())
+            })
+            .unwrap();
+        // A line must still name an order that exists.
+        let orphan = after
+            .write(|conn| {
+                conn.execute("INSERT INTO order_items VALUES (99, 1, 1, 1)", [])
+                    .map_err(db::Error::from)
+            })
+            .await;
+        assert!(orphan.is_err(), "{orphan:?}");
     }
 }

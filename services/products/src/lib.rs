@@ -48,6 +48,14 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: events::OUTBOX_SQL,
     },
+    Migration {
+        version: 5,
+        sql: include_str!("../migrations/0005_fewer_btrees.sql"),
+    },
+    Migration {
+        version: 6,
+        sql: events::OUTBOX_V2_SQL,
+    },
 ];
 
 /// How long a reservation is held unconfirmed before its stock returns: far
@@ -128,3 +136,109 @@ pub fn app(state: AppState) -> Router {
     ),
 )]
 struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written before the schema stored reservations in their keys
+    /// keeps its reservations, lines and events across the migration.
+    #[tokio::test]
+    async fn the_fewer_btrees_migration_keeps_what_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("products.db");
+        let before = db::open(&path, &MIGRATIONS[..4]).await.unwrap();
+        before
+            .write(|conn| {
+                conn.execute_batch(
+                    "INSERT INTO reservations (id, status, expires_at) VALUES ('r-1', 'held', 99);
+                     INSERT INTO reservations (id, status) VALUES ('r-2', 'confirmed');
+                     INSERT INTO reservation_items VALUES ('r-1', 1, 2, 129999), ('r-2', 3, 1, 3999);
+                     INSERT INTO outbox (event_id, subject, payload) VALUES ('e-1', 'stock.reserved', '{}');
+                     INSERT INTO inbox (event_id) VALUES ('seen');",
+                )
+                .map_err(db::Error::from)
+            })
+            .await
+            .unwrap();
+        before.close().await;
+
+        let after = open_db(&path).await.unwrap();
+        after
+            .write(|conn| {
+                events::record(
+                    conn,
+                    SERVICE_NAME,
+                    "stock.released",
+                    "reservation/r-1".into(),
+                    serde_json::json!({}),
+                )
+                .map_err(db::Error::from)
+            })
+            .await
+            .unwrap();
+        after
+            .read(|conn| {
+                let schema = |table: &str| -> rusqlite::Result<String> {
+                    conn.query_row(
+                        "SELECT sql FROM sqlite_schema WHERE name = ?",
+                        [table],
+                        |r| r.get(0),
+                    )
+                };
+                for table in ["reservations", "reservation_items", "inbox"] {
+                    assert!(
+                        schema(table)?.ends_with("WITHOUT ROWID"),
+                        "{table}: {}",
+                        schema(table)?
+                    );
+                }
+                assert!(!schema("outbox")?.contains("AUTOINCREMENT"));
+                let held: (String, Option<i64>) = conn.query_row(
+                    "SELECT status, expires_at FROM reservations WHERE id = 'r-1'",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                assert_eq!(held, ("held".to_owned(), Some(99)));
+                let lines: i64 = conn.query_row(
+                    "SELECT sum(quantity * price_cents) FROM reservation_items",
+                    [],
+                    |r| r.get(0),
+                )?;
+                assert_eq!(lines, 2 * 129_999 + 3_999);
+                let events: Vec<(i64, String)> = conn
+                    .prepare("SELECT seq, subject FROM outbox ORDER BY seq")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                assert_eq!(
+                    events,
+                    [
+                        (1, "stock.reserved".to_owned()),
+                        (2, "stock.released".to_owned())
+                    ]
+                );
+                let seen: i64 = conn.query_row(
+                    "SELECT count(*) FROM inbox WHERE event_id = 'seen'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                assert_eq!(seen, 1);
+                // No line lost its reservation in the rebuild.
+                let mut check = conn.prepare("PRAGMA foreign_key_check")?;
+                assert!(check.query([])?.next()?.is_none());
+                Ok::<_, db::Error>(())
+            })
+            .unwrap();
+        // A line must still name a reservation that exists.
+        let orphan = after
+            .write(|conn| {
+                conn.execute(
+                    "INSERT INTO reservation_items VALUES ('nobody', 1, 1, 1)",
+                    [],
+                )
+                .map_err(db::Error::from)
+            })
+            .await;
+        assert!(orphan.is_err(), "{orphan:?}");
+    }
+}
