@@ -311,3 +311,20 @@ impl Drop for Nats {
         }
     }
 }
+
+/// The `CREATE` statement SQLite keeps for `table`: what a migration made
+/// of it.
+pub fn table_sql(conn: &rusqlite::Connection, table: &str) -> rusqlite::Result<String> {
+    conn.query_row(
+        "SELECT sql FROM sqlite_schema WHERE name = ?",
+        [table],
+        |row| row.get(0),
+    )
+}
+
+/// The outbox's events in publication order: `(seq, subject)`.
+pub fn outbox_subjects(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(i64, String)>> {
+    conn.prepare("SELECT seq, subject FROM outbox ORDER BY seq")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect()
+}

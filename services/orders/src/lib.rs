@@ -544,13 +544,7 @@ mod tests {
             .unwrap();
         after
             .read(|conn| {
-                let schema = |table: &str| -> rusqlite::Result<String> {
-                    conn.query_row(
-                        "SELECT sql FROM sqlite_schema WHERE name = ?",
-                        [table],
-                        |r| r.get(0),
-                    )
-                };
+                let schema = |table| service_kit::testing::table_sql(conn, table);
                 assert!(schema("order_items")?.ends_with("WITHOUT ROWID"));
                 assert!(!schema("outbox")?.contains("AUTOINCREMENT"));
                 let lines: i64 = conn.query_row(
@@ -559,10 +553,7 @@ mod tests {
                     |r| r.get(0),
                 )?;
                 assert_eq!(lines, 263_997);
-                let events: Vec<(i64, String)> = conn
-                    .prepare("SELECT seq, subject FROM outbox ORDER BY seq")?
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?;
+                let events = service_kit::testing::outbox_subjects(conn)?;
                 assert_eq!(
                     events,
                     [

@@ -179,13 +179,7 @@ mod tests {
             .unwrap();
         after
             .read(|conn| {
-                let schema = |table: &str| -> rusqlite::Result<String> {
-                    conn.query_row(
-                        "SELECT sql FROM sqlite_schema WHERE name = ?",
-                        [table],
-                        |r| r.get(0),
-                    )
-                };
+                let schema = |table| service_kit::testing::table_sql(conn, table);
                 for table in ["reservations", "reservation_items", "inbox"] {
                     assert!(
                         schema(table)?.ends_with("WITHOUT ROWID"),
@@ -206,10 +200,7 @@ mod tests {
                     |r| r.get(0),
                 )?;
                 assert_eq!(lines, 2 * 129_999 + 3_999);
-                let events: Vec<(i64, String)> = conn
-                    .prepare("SELECT seq, subject FROM outbox ORDER BY seq")?
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<_, _>>()?;
+                let events = service_kit::testing::outbox_subjects(conn)?;
                 assert_eq!(
                     events,
                     [
