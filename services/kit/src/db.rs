@@ -688,6 +688,28 @@ mod tests {
     }
 
     #[test]
+    fn the_bundled_sqlite_is_built_with_the_server_options() {
+        // `.cargo/config.toml` passes them to libsqlite3-sys's build: a
+        // build without them (the file lost, or the variable overridden)
+        // takes a global mutex on every allocation and page fetch again.
+        let conn = Connection::open_in_memory().unwrap();
+        let mut stmt = conn.prepare("PRAGMA compile_options").unwrap();
+        let options: Vec<String> = stmt
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+    }
+
+    #[test]
     fn unique_violations_are_told_apart_by_column() {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(MIGRATIONS[0].sql).unwrap();
