@@ -1,7 +1,12 @@
 //! The order service's calls to user-service and product-service.
 //!
-//! One `reqwest::Client` for the life of the process (pooled keep-alive
-//! connections, connect and total timeouts), never one per request. Each
+//! One HTTP/1.1 client for the life of the process (hyper's pooled
+//! keep-alive connections, `TCP_NODELAY`, a connect timeout, and a
+//! whole-call limit that covers reading the answer), never one per
+//! request. It is hyper-util's client, not reqwest: these calls go to our
+//! own services and need none of reqwest's layers (redirects, retries of
+//! its own, a response URL parsed again from text on every answer), which
+//! were a measured part of the order path. Each
 //! dependency is one base URL (`--users-url`, `--products-url`) or, with
 //! `--registry`, the instances registered in etcd: round robin over them,
 //! moving on to the next when one cannot be connected to (nothing reached
@@ -14,24 +19,50 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use product_service::api::{ItemRequest, Reservation, ReserveRequest};
 use registry::{Follower, RoundRobin};
+use serde::de::DeserializeOwned;
 use service_kit::AppError;
 
 /// Time to establish a connection to a dependency on the local network; a
 /// dead host is reported quickly instead of holding the order.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Whole-call limit: a reservation waits for SQLite's write lock (up to
-/// 10 s busy timeout) under heavy contention, so allow a little more.
+/// Whole-call limit, answer read included: a reservation waits for
+/// SQLite's write lock (up to 10 s busy timeout) under heavy contention,
+/// so allow a little more.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(12);
 /// Idle pooled connections are closed before the services' own keep-alive
 /// limits would close them under us.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer read from a dependency (a reservation of many lines
+/// is a few KiB); a larger one is a failed call, not unbounded memory.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Attempts to release a reservation before giving up and logging it.
 const RELEASE_ATTEMPTS: u32 = 3;
 /// Pause between release attempts.
 const RELEASE_BACKOFF: Duration = Duration::from_millis(200);
+
+/// What a path segment escapes (the WHATWG URL standard's path-segment
+/// set: controls, space, `"#<>?\`{}`, `/` and `%`).
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'/')
+    .add(b'%');
 
 /// A dependency that cannot be set up; reported at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -44,32 +75,90 @@ pub enum DependencyError {
     },
     #[error("--{name}-url {url:?} must be an http:// URL with a host")]
     NotHttp { name: &'static str, url: String },
-    #[error("cannot build the HTTP client: {0}")]
-    Client(reqwest::Error),
 }
 
-fn client() -> Result<reqwest::Client, DependencyError> {
-    reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT)
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build()
-        .map_err(DependencyError::Client)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
 }
 
 /// Where the user and product services are, and the client that calls them.
 #[derive(Clone, Debug)]
 pub struct Dependencies {
-    http: reqwest::Client,
+    http: HttpClient,
     users: Target,
     products: Target,
+}
+
+/// A base URL split once: `http://host:port` and a path prefix without
+/// its trailing `/` (often empty). A call's URL is the two with its
+/// escaped segments appended.
+#[derive(Clone, Debug, PartialEq)]
+struct Base {
+    origin: String,
+    prefix: String,
+}
+
+impl Base {
+    fn parse(name: &'static str, url: &str) -> Result<Base, DependencyError> {
+        let uri: Uri =
+            url.parse()
+                .map_err(|err: axum::http::uri::InvalidUri| DependencyError::Url {
+                    name,
+                    url: url.to_owned(),
+                    reason: err.to_string(),
+                })?;
+        let not_http = || DependencyError::NotHttp {
+            name,
+            url: url.to_owned(),
+        };
+        let authority = uri.authority().ok_or_else(not_http)?;
+        if uri.scheme_str() != Some("http") || authority.host().is_empty() {
+            return Err(not_http());
+        }
+        let invalid = |reason: &str| DependencyError::Url {
+            name,
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if uri.query().is_some() || authority.as_str().contains('@') {
+            return Err(invalid("a base URL has no query and no credentials"));
+        }
+        // Something after the host is a port, and must be one.
+        if authority.as_str().len() > authority.host().len() && authority.port_u16().is_none() {
+            return Err(invalid("invalid port"));
+        }
+        Ok(Base {
+            origin: format!("http://{authority}"),
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The URL of `segments` under this base.
+    fn join(&self, segments: &[&str]) -> Result<Uri, axum::http::Error> {
+        let mut url = String::with_capacity(self.origin.len() + self.prefix.len() + 64);
+        url.push_str(&self.origin);
+        url.push_str(&self.prefix);
+        for segment in segments {
+            url.push('/');
+            url.extend(utf8_percent_encode(segment, SEGMENT));
+        }
+        Ok(Uri::try_from(url)?)
+    }
 }
 
 /// Where one dependency is.
 #[derive(Clone)]
 enum Target {
     /// One base URL, parsed once.
-    Fixed(reqwest::Url),
+    Fixed(Base),
     /// The instances registered in etcd, in turn.
     Registry {
         service: &'static str,
@@ -82,7 +171,7 @@ enum Target {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Fixed(url) => write!(f, "{}", url.as_str().trim_end_matches('/')),
+            Target::Fixed(base) => write!(f, "{}{}", base.origin, base.prefix),
             Target::Registry { service, .. } => write!(f, "registry:{service}"),
         }
     }
@@ -99,38 +188,62 @@ impl Target {
     }
 
     /// Base URLs to try, in order.
-    fn bases(&self) -> Vec<reqwest::Url> {
+    fn bases(&self) -> Vec<Base> {
         match self {
-            Target::Fixed(url) => vec![url.clone()],
+            Target::Fixed(base) => vec![base.clone()],
             Target::Registry { instances, .. } => instances
                 .candidates()
                 .into_iter()
-                .filter_map(|address| reqwest::Url::parse(&format!("http://{address}")).ok())
+                .map(|address| Base {
+                    origin: format!("http://{address}"),
+                    prefix: String::new(),
+                })
                 .collect(),
         }
     }
 }
 
-/// A call that got no answer.
+/// A dependency's answer, read whole.
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json<T: DeserializeOwned>(&self) -> Result<T, CallError> {
+        serde_json::from_slice(&self.body).map_err(CallError::Decode)
+    }
+}
+
+/// A call that got no (usable) answer.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("no instance is registered")]
     NoInstance,
+    #[error("invalid request URL: {0}")]
+    Url(#[from] axum::http::Error),
     #[error(transparent)]
-    Http(#[from] reqwest::Error),
+    Http(#[from] hyper_util::client::legacy::Error),
+    #[error("reading the answer: {0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    #[error("no answer within {REQUEST_TIMEOUT:?}")]
+    Timeout,
+    #[error("undecodable answer: {0}")]
+    Decode(serde_json::Error),
 }
 
 impl CallError {
     /// Nothing reached the dependency.
     fn is_connect(&self) -> bool {
         match self {
-            CallError::NoInstance => true,
+            CallError::NoInstance | CallError::Url(_) => true,
             CallError::Http(err) => err.is_connect(),
+            _ => false,
         }
     }
 
     fn is_timeout(&self) -> bool {
-        matches!(self, CallError::Http(err) if err.is_timeout())
+        matches!(self, CallError::Timeout)
     }
 }
 
@@ -138,26 +251,10 @@ impl Dependencies {
     /// `users_url` and `products_url` are base URLs such as
     /// `http://127.0.0.1:8001`.
     pub fn new(users_url: &str, products_url: &str) -> Result<Self, DependencyError> {
-        let base = |name: &'static str, url: &str| {
-            let parsed = reqwest::Url::parse(url).map_err(|err| DependencyError::Url {
-                name,
-                url: url.to_owned(),
-                reason: err.to_string(),
-            })?;
-            if !matches!(parsed.scheme(), "http" | "https") || !parsed.has_host() {
-                return Err(DependencyError::NotHttp {
-                    name,
-                    url: url.to_owned(),
-                });
-            }
-            Ok(parsed)
-        };
-        let users = Target::Fixed(base("users", users_url)?);
-        let products = Target::Fixed(base("products", products_url)?);
         Ok(Self {
-            http: client()?,
-            users,
-            products,
+            http: client(),
+            users: Target::Fixed(Base::parse("users", users_url)?),
+            products: Target::Fixed(Base::parse("products", products_url)?),
         })
     }
 
@@ -165,31 +262,41 @@ impl Dependencies {
     /// `endpoints` under `prefix` (followed live from now on).
     pub fn from_registry(endpoints: &[String], prefix: &str) -> Result<Self, DependencyError> {
         Ok(Self {
-            http: client()?,
+            http: client(),
             users: Target::registry(endpoints, prefix, "user-service"),
             products: Target::registry(endpoints, prefix, "product-service"),
         })
     }
 
-    /// Sends the request `build` makes for the URL of `path` (its
-    /// segments) at a base URL of `target`, trying the next instance while
-    /// one cannot be connected to.
+    /// Sends `method` to the URL of `path` (its segments) at a base URL
+    /// of `target`, with `body` as JSON if there is one, and reads the
+    /// answer; tries the next instance while one cannot be connected to.
     async fn call(
         &self,
         target: &Target,
         name: &'static str,
+        method: Method,
         path: &[&str],
-        build: impl Fn(&reqwest::Client, reqwest::Url) -> reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, CallError> {
+        body: Option<&Bytes>,
+    ) -> Result<Answer, CallError> {
         let mut last = CallError::NoInstance;
         for base in target.bases() {
-            match send(build(&self.http, join(&base, path)), name).await {
-                Ok(response) => return Ok(response),
+            let mut request = Request::new(Full::new(body.cloned().unwrap_or_default()));
+            *request.method_mut() = method.clone();
+            *request.uri_mut() = base.join(path)?;
+            if body.is_some() {
+                request.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            match send(&self.http, request, name).await {
+                Ok(answer) => return Ok(answer),
                 Err(err) if err.is_connect() => {
-                    tracing::debug!(%base, error = %err, "cannot connect: trying the next instance");
-                    last = CallError::Http(err);
+                    tracing::debug!(base = %base.origin, error = %err, "cannot connect: trying the next instance");
+                    last = err;
                 }
-                Err(err) => return Err(CallError::Http(err)),
+                Err(err) => return Err(err),
             }
         }
         Err(last)
@@ -202,12 +309,13 @@ impl Dependencies {
             .call(
                 &self.users,
                 "GET user-service /users/{id}",
+                Method::GET,
                 &["users", &user_id.to_string()],
-                |http, url| http.get(url),
+                None,
             )
             .await
             .map_err(|err| unreachable("User service", &err))?;
-        match response.status() {
+        match response.status {
             s if s.is_success() => Ok(()),
             StatusCode::NOT_FOUND => Err(AppError::not_found("User not found")),
             other => Err(bad_answer("User service", other)),
@@ -230,13 +338,22 @@ impl Dependencies {
             id: Some(reservation_id.to_owned()),
             items: items.to_vec(),
         };
+        let body = match serde_json::to_vec(&body) {
+            Ok(body) => Bytes::from(body),
+            Err(err) => {
+                return Err(Refused::Clean(AppError::internal(format!(
+                    "cannot encode the reservation: {err}"
+                ))));
+            }
+        };
         let unknown = |error: AppError, released: bool| Refused::Unknown { error, released };
         let response = match self
             .call(
                 &self.products,
                 "POST product-service /reservations",
+                Method::POST,
                 &["reservations"],
-                |http, url| http.post(url).json(&body),
+                Some(&body),
             )
             .await
         {
@@ -251,16 +368,13 @@ impl Dependencies {
                 return Err(unknown(unreachable("Product service", &err), released));
             }
         };
-        let status = response.status();
+        let status = response.status;
         if status.is_success() {
-            return match response.json::<Reservation>().await {
+            return match response.json::<Reservation>() {
                 Ok(reservation) => Ok(reservation),
                 Err(err) => {
                     let released = self.release(reservation_id).await;
-                    Err(unknown(
-                        unreachable("Product service", &err.into()),
-                        released,
-                    ))
+                    Err(unknown(unreachable("Product service", &err), released))
                 }
             };
         }
@@ -268,10 +382,9 @@ impl Dependencies {
             StatusCode::NOT_FOUND
             | StatusCode::BAD_REQUEST
             | StatusCode::UNPROCESSABLE_ENTITY
-            | StatusCode::CONFLICT => Err(Refused::Clean(AppError::new(
-                status,
-                detail_of(response).await,
-            ))),
+            | StatusCode::CONFLICT => {
+                Err(Refused::Clean(AppError::new(status, detail_of(&response))))
+            }
             other => {
                 // A failed reservation rolls back, but releasing is
                 // idempotent and costs little: leave nothing to chance.
@@ -288,12 +401,13 @@ impl Dependencies {
             .call(
                 &self.products,
                 "POST product-service /reservations/{id}/confirm",
+                Method::POST,
                 &["reservations", reservation_id, "confirm"],
-                |http, url| http.post(url),
+                None,
             )
             .await
             .map_err(|err| unreachable("Product service", &err))?;
-        match response.status() {
+        match response.status {
             s if s.is_success() => Ok(true),
             StatusCode::CONFLICT | StatusCode::NOT_FOUND => Ok(false),
             other => Err(bad_answer("Product service", other)),
@@ -307,17 +421,17 @@ impl Dependencies {
             .call(
                 &self.products,
                 "GET product-service /reservations/{id}",
+                Method::GET,
                 &["reservations", reservation_id],
-                |http, url| http.get(url),
+                None,
             )
             .await
             .map_err(|err| unreachable("Product service", &err))?;
-        match response.status() {
+        match response.status {
             s if s.is_success() => response
                 .json::<Reservation>()
-                .await
                 .map(Some)
-                .map_err(|err| unreachable("Product service", &err.into())),
+                .map_err(|err| unreachable("Product service", &err)),
             StatusCode::NOT_FOUND => Ok(None),
             other => Err(bad_answer("Product service", other)),
         }
@@ -333,13 +447,14 @@ impl Dependencies {
             let call = self.call(
                 &self.products,
                 "POST product-service /reservations/{id}/release",
+                Method::POST,
                 &path,
-                |http, url| http.post(url),
+                None,
             );
             match call.await {
-                Ok(response) if response.status().is_success() => return true,
+                Ok(response) if response.status.is_success() => return true,
                 Ok(response) => {
-                    tracing::warn!(reservation = reservation_id, status = %response.status(), attempt, "release refused");
+                    tracing::warn!(reservation = reservation_id, status = %response.status, attempt, "release refused");
                 }
                 Err(err) => {
                     tracing::warn!(reservation = reservation_id, error = %err, attempt, "release failed");
@@ -373,47 +488,52 @@ impl Refused {
     }
 }
 
-/// `base` with `segments` appended to its path: the base's scheme and host
-/// are not parsed (and checked) again for every call.
-fn join(base: &reqwest::Url, segments: &[&str]) -> reqwest::Url {
-    let mut url = base.clone();
-    if let Ok(mut path) = url.path_segments_mut() {
-        path.pop_if_empty().extend(segments);
-    }
-    url
-}
-
 /// Sends `request` as a client span of the current request (named
 /// `name`): its `traceparent` and the request's `x-request-id` go along.
+/// The answer is read whole, within [`REQUEST_TIMEOUT`] from the start.
 async fn send(
-    request: reqwest::RequestBuilder,
+    http: &HttpClient,
+    mut request: Request<Full<Bytes>>,
     name: &'static str,
-) -> reqwest::Result<reqwest::Response> {
+) -> Result<Answer, CallError> {
     use service_kit::trace::Child;
     use telemetry::export::{KeyValue, SpanKind};
     let span = Child::start();
-    let mut headers = reqwest::header::HeaderMap::new();
     for (header, value) in span.headers() {
-        if let Ok(value) = reqwest::header::HeaderValue::from_str(&value) {
-            headers.insert(header, value);
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            request.headers_mut().insert(header, value);
         }
     }
-    let response = request.headers(headers).send().await;
-    let (attributes, error) = match &response {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            (
-                vec![KeyValue::new(
-                    "http.response.status_code",
-                    i64::from(status),
-                )],
-                (status >= 500).then(|| format!("status {status}")),
-            )
-        }
-        Err(err) => (Vec::new(), Some(err.to_string())),
+    let exchange = async {
+        let response = http.request(request).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(CallError::Body)?
+            .to_bytes();
+        Ok(Answer { status, body })
     };
-    span.finish(name.to_owned(), SpanKind::Client, attributes, error);
-    response
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .unwrap_or(Err(CallError::Timeout));
+    if span.exported() {
+        let (attributes, error) = match &answer {
+            Ok(answer) => {
+                let status = answer.status.as_u16();
+                (
+                    vec![KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(status),
+                    )],
+                    (status >= 500).then(|| format!("status {status}")),
+                )
+            }
+            Err(err) => (Vec::new(), Some(err.to_string())),
+        };
+        span.finish(name.to_owned(), SpanKind::Client, attributes, error);
+    }
+    answer
 }
 
 fn unreachable(dependency: &str, err: &CallError) -> AppError {
@@ -432,22 +552,20 @@ fn bad_answer(dependency: &str, status: StatusCode) -> AppError {
 }
 
 /// The `detail` of a JSON error body, or a generic text if there is none.
-async fn detail_of(response: reqwest::Response) -> String {
+fn detail_of(answer: &Answer) -> String {
     #[derive(serde::Deserialize)]
     struct Detail {
         detail: String,
     }
-    let status = response.status();
-    response
+    answer
         .json::<Detail>()
-        .await
         .map(|d| d.detail)
-        .unwrap_or_else(|_| format!("Product service answered {status}"))
+        .unwrap_or_else(|_| format!("Product service answered {}", answer.status))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::join;
+    use super::{Base, DependencyError};
 
     #[test]
     fn a_call_url_is_the_base_with_the_path_appended() {
@@ -458,13 +576,51 @@ mod tests {
             ("http://users.local/api/", "http://users.local/api/users/7"),
         ];
         for (base, expected) in cases {
-            let base = reqwest::Url::parse(base).unwrap();
-            assert_eq!(join(&base, &["users", "7"]).as_str(), expected, "{base}");
+            let base = Base::parse("users", base).unwrap();
+            assert_eq!(base.join(&["users", "7"]).unwrap(), expected, "{base:?}");
         }
-        let base = reqwest::Url::parse("http://p:1").unwrap();
+        let base = Base::parse("users", "http://[::1]:8001").unwrap();
         assert_eq!(
-            join(&base, &["reservations", "01a2-b_c", "confirm"]).as_str(),
+            base.join(&["users", "7"]).unwrap(),
+            "http://[::1]:8001/users/7"
+        );
+        let base = Base::parse("products", "http://p:1").unwrap();
+        assert_eq!(
+            base.join(&["reservations", "01a2-b_c", "confirm"]).unwrap(),
             "http://p:1/reservations/01a2-b_c/confirm"
         );
+        // A segment never adds a segment, a query or a fragment.
+        assert_eq!(
+            base.join(&["reservations", "a/b?c#d %"]).unwrap(),
+            "http://p:1/reservations/a%2Fb%3Fc%23d%20%25"
+        );
+    }
+
+    #[test]
+    fn a_base_url_is_plain_http_with_a_host() {
+        for url in ["https://p:1", "p:1", "/users", "ftp://p"] {
+            assert!(
+                matches!(
+                    Base::parse("users", url),
+                    Err(DependencyError::NotHttp { .. })
+                ),
+                "{url}"
+            );
+        }
+        for url in [
+            "http://p:1/?a=b",
+            "http://u:pw@p:1",
+            "http://p:99999999",
+            "http://p:",
+        ] {
+            assert!(
+                matches!(Base::parse("users", url), Err(DependencyError::Url { .. })),
+                "{url}"
+            );
+        }
+        assert!(matches!(
+            Base::parse("users", "not a url"),
+            Err(DependencyError::Url { .. })
+        ));
     }
 }
