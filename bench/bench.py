@@ -463,27 +463,28 @@ def reload_under_load(args, procs):
     return out
 
 
-def full_stack(args, procs):
-    """The services at their pace, in one run: `bench-hello` direct and each
-    service's GET by id direct (rounds alternated, ratios per round), then
-    `GET /api/products/{id}` and `POST /api/orders` through the gateway at
-    `--connections` clients and at 1, with the CPU of every process."""
-    data = os.path.join(WORK, "stack-data")
+def start_stack(procs, args, bin_dir=None, name="stack"):
+    """The three services (fresh databases) and a gateway in front of them,
+    from the binaries in `bin_dir` (default: the run's); a user and a
+    product with plenty of stock made through the gateway. Returns the
+    gateway's base URL, each process's pid, the services' ports and an
+    order's JSON body."""
+    bins = bin_dir or RELEASE
+    data = os.path.join(WORK, f"{name}-data")
     shutil.rmtree(data, ignore_errors=True)
     os.makedirs(data)
-    users, products, orders, hello = free_port(), free_port(), free_port(), free_port()
+    users, products, orders = free_port(), free_port(), free_port()
     pids = {}
-    pids["user-service"] = procs.start("user-service", [os.path.join(RELEASE, "user-service"), "--listen", f"127.0.0.1:{users}", "--db", f"{data}/users.db"]).pid
-    pids["product-service"] = procs.start("product-service", [os.path.join(RELEASE, "product-service"), "--listen", f"127.0.0.1:{products}", "--db", f"{data}/products.db"]).pid
-    pids["order-service"] = procs.start("order-service", [os.path.join(RELEASE, "order-service"), "--listen", f"127.0.0.1:{orders}", "--db", f"{data}/orders.db",
+    pids["user-service"] = procs.start(f"{name}-user-service", [os.path.join(bins, "user-service"), "--listen", f"127.0.0.1:{users}", "--db", f"{data}/users.db"]).pid
+    pids["product-service"] = procs.start(f"{name}-product-service", [os.path.join(bins, "product-service"), "--listen", f"127.0.0.1:{products}", "--db", f"{data}/products.db"]).pid
+    pids["order-service"] = procs.start(f"{name}-order-service", [os.path.join(bins, "order-service"), "--listen", f"127.0.0.1:{orders}", "--db", f"{data}/orders.db",
                                          "--users-url", f"http://127.0.0.1:{users}", "--products-url", f"http://127.0.0.1:{products}"]).pid
-    # As many runtime threads as the services' (one per core).
-    hello_pid = procs.start("stack-bench-hello", [os.path.join(RELEASE, "bench-hello"), "--listen", f"127.0.0.1:{hello}",
-                                                  "--threads", str(os.cpu_count() or 1)]).pid
-    for port in (users, products, orders, hello):
+    for port in (users, products, orders):
         wait_http(f"http://127.0.0.1:{port}/health")
     port = free_port()
-    path = os.path.join(WORK, "conf", "gateway-stack.yaml")
+    # The configuration lives outside the data directory: the gateway
+    # watches its directory, and the services' WAL writes would wake it.
+    path = os.path.join(WORK, "conf", f"gateway-{name}.yaml")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(f"""listen: "127.0.0.1:{port}"
@@ -497,7 +498,7 @@ routes:
   - {{ prefix: /api/products, service: product-service, strip_prefix: /api }}
   - {{ prefix: /api/orders, service: order-service, strip_prefix: /api }}
 """)
-    pids["gateway"] = procs.start("gateway-stack", [os.path.join(RELEASE, "gateway"), "--config", path], env=dict(os.environ, RUST_LOG="info")).pid
+    pids["gateway"] = procs.start(f"gateway-{name}", [os.path.join(bins, "gateway"), "--config", path], env=dict(os.environ, RUST_LOG="info")).pid
     base = f"http://127.0.0.1:{port}"
     wait_http(f"{base}/health")
 
@@ -509,6 +510,24 @@ routes:
     user = post(f"{base}/api/users", {"username": "bench", "email": "bench@example.com", "full_name": "Bench"})
     product = post(f"{base}/api/products", {"name": "Plenty", "price": 1.5, "stock": 1_000_000_000, "category": "Bench"})
     order = json.dumps({"user_id": user["id"], "items": [{"product_id": product["id"], "quantity": 1}]})
+    return {"base": base, "pids": pids, "ports": {"user-service": users, "product-service": products, "order-service": orders},
+            "user": user, "product": product, "order": order}
+
+
+def full_stack(args, procs):
+    """The services at their pace, in one run: `bench-hello` direct and each
+    service's GET by id direct (rounds alternated, ratios per round), then
+    `GET /api/products/{id}` and `POST /api/orders` through the gateway at
+    `--connections` clients and at 1, with the CPU of every process."""
+    stack = start_stack(procs, args)
+    pids, base, order = stack["pids"], stack["base"], stack["order"]
+    users, products = stack["ports"]["user-service"], stack["ports"]["product-service"]
+    user, product = stack["user"], stack["product"]
+    hello = free_port()
+    # As many runtime threads as the services' (one per core).
+    hello_pid = procs.start("stack-bench-hello", [os.path.join(RELEASE, "bench-hello"), "--listen", f"127.0.0.1:{hello}",
+                                                  "--threads", str(os.cpu_count() or 1)]).pid
+    wait_http(f"http://127.0.0.1:{hello}/health")
 
     direct_targets = {
         "bench-hello": (f"http://127.0.0.1:{hello}/", {"bench-hello": hello_pid}),
