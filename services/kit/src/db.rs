@@ -14,10 +14,12 @@
 //! - **Writes** ([`Db::write`]) are closures sent to the database's one
 //!   writing connection, owned by a thread of its own. The thread takes
 //!   every closure queued at that moment (up to [`GROUP_MAX`]), runs them
-//!   in **one** `BEGIN IMMEDIATE` transaction, each inside a savepoint of
-//!   its own, and commits once (group commit). A closure that returns an
-//!   error (or panics) has its savepoint rolled back and leaves the others
-//!   alone; a failed commit fails every closure of the group. Each caller
+//!   in **one** `BEGIN IMMEDIATE` transaction, each after the first inside
+//!   a savepoint of its own, and commits once (group commit). A closure
+//!   that returns an error (or panics) has its savepoint rolled back (the
+//!   first: the transaction, which holds nothing else yet; the rest of the
+//!   group goes on in a new one) and leaves the others alone; a failed
+//!   commit fails every closure of the group. Each caller
 //!   is answered after the commit, never before: an answer means the write
 //!   is in the file. One thread handoff per transaction, instead of one per
 //!   statement.
@@ -32,6 +34,7 @@
 //! file one migrates (and seeds) and the other then sees the new version and
 //! does nothing.
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -317,62 +320,91 @@ fn copy_error(err: &rusqlite::Error) -> rusqlite::Error {
 /// until the queue is closed and empty.
 fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Box<dyn Job>>) {
     while let Ok(first) = jobs.recv() {
-        let mut group = Vec::with_capacity(8);
-        group.push(first);
+        let mut group = VecDeque::with_capacity(8);
+        group.push_back(first);
         group.extend(jobs.try_iter().take(GROUP_MAX - 1));
-        let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-            Ok(tx) => tx,
+        while !group.is_empty() {
+            commit_group(&mut conn, &mut group);
+        }
+    }
+}
+
+/// Runs the jobs of `group` in one transaction and commits it, answering
+/// each; returns early, with the jobs not yet run left in `group`, when
+/// the first job fails.
+///
+/// The first job runs on the transaction itself, without a savepoint:
+/// nothing else is in the transaction yet, so if it fails, rolling the
+/// whole transaction back undoes exactly its changes, and the rest of the
+/// group starts a new one. Every later job runs in a savepoint of its own,
+/// which SQLite makes by copying each page the job touches into a
+/// sub-journal first: the cost of isolating it from the jobs before it.
+fn commit_group(conn: &mut Connection, group: &mut VecDeque<Box<dyn Job>>) {
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(err) => {
+            tracing::warn!(error = %err, "database: cannot begin a write transaction");
+            for job in group.drain(..) {
+                job.refuse(copy_error(&err));
+            }
+            return;
+        }
+    };
+    let Some(first) = group.pop_front() else {
+        return;
+    };
+    let (keep, answer) = first.run(&tx);
+    if !keep {
+        // Only the first job's changes are in it: undo them all.
+        if let Err(err) = tx.rollback() {
+            tracing::warn!(error = %err, "database: a failed write could not be rolled back");
+        }
+        answer.send(Ok(()));
+        return;
+    }
+    let mut answers = Vec::with_capacity(group.len() + 1);
+    answers.push(answer);
+    let mut broken = None;
+    for job in group.drain(..) {
+        if broken.is_some() {
+            job.refuse(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                Some("an earlier write of the same transaction broke it".to_owned()),
+            ));
+            continue;
+        }
+        let savepoint = match tx.savepoint() {
+            Ok(savepoint) => savepoint,
             Err(err) => {
-                tracing::warn!(error = %err, "database: cannot begin a write transaction");
-                for job in group {
-                    job.refuse(copy_error(&err));
-                }
-                continue;
-            }
-        };
-        let mut answers = Vec::with_capacity(group.len());
-        let mut broken = None;
-        for job in group {
-            if broken.is_some() {
-                job.refuse(rusqlite::Error::SqliteFailure(
-                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-                    Some("an earlier write of the same transaction broke it".to_owned()),
-                ));
-                continue;
-            }
-            let savepoint = match tx.savepoint() {
-                Ok(savepoint) => savepoint,
-                Err(err) => {
-                    job.refuse(copy_error(&err));
-                    broken = Some(err);
-                    continue;
-                }
-            };
-            let (keep, answer) = job.run(&savepoint);
-            answers.push(answer);
-            // `finish` rolls an unkept savepoint back (and releases it);
-            // one that cannot be ended leaves the transaction in doubt, so
-            // the whole group fails rather than keep half a write.
-            let ended = if keep {
-                savepoint.commit()
-            } else {
-                savepoint.finish()
-            };
-            if let Err(err) = ended {
+                job.refuse(copy_error(&err));
                 broken = Some(err);
+                continue;
             }
-        }
-        let committed = match broken {
-            // Dropping the transaction rolls it back.
-            Some(err) => Err(err),
-            None => tx.commit(),
         };
-        if let Err(err) = &committed {
-            tracing::warn!(error = %err, writes = answers.len(), "database: a write transaction failed");
+        let (keep, answer) = job.run(&savepoint);
+        answers.push(answer);
+        // `finish` rolls an unkept savepoint back (and releases it); one
+        // that cannot be ended leaves the transaction in doubt, so the
+        // whole group fails rather than keep half a write.
+        let ended = if keep {
+            savepoint.commit()
+        } else {
+            savepoint.finish()
+        };
+        if let Err(err) = ended {
+            broken = Some(err);
         }
-        for answer in answers {
-            answer.send(committed.as_ref().map(|_| ()));
-        }
+    }
+    let committed = match broken {
+        // Dropping the transaction rolls it back.
+        Some(err) => Err(err),
+        None => tx.commit(),
+    };
+    if let Err(err) = &committed {
+        tracing::warn!(error = %err, writes = answers.len(), "database: a write transaction failed");
+    }
+    for answer in answers {
+        answer.send(committed.as_ref().map(|_| ()));
     }
 }
 
@@ -604,6 +636,59 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// Polls `future` once: a write is queued on its first poll.
+    async fn queue<F: std::future::Future + Unpin>(future: &mut F) {
+        std::future::poll_fn(|cx| {
+            assert!(std::pin::Pin::new(&mut *future).poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+    }
+
+    fn insert_then(v: &'static str, fail: bool) -> impl FnOnce(&Connection) -> Result<(), Error> {
+        move |conn| {
+            conn.execute("INSERT INTO t (v) VALUES (?)", [v])?;
+            if fail {
+                conn.execute("INSERT INTO t (v) VALUES ('seed')", [])?;
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_first_write_of_a_group_undoes_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("t.db"), MIGRATIONS).await.unwrap();
+        // Hold the writer until four writes are queued behind it: they are
+        // then one group, the first of which fails (no savepoint: the
+        // transaction is rolled back and the rest go on in a new one whose
+        // first succeeds, and whose third fails in its savepoint).
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let (started, running) = oneshot::channel::<()>();
+        let mut blocker = Box::pin(db.write(move |_| {
+            started.send(()).ok();
+            hold.recv().ok();
+            Ok::<_, Error>(())
+        }));
+        queue(&mut blocker).await;
+        running.await.unwrap();
+        let mut a = Box::pin(db.write(insert_then("a", true)));
+        let mut b = Box::pin(db.write(insert_then("b", false)));
+        let mut c = Box::pin(db.write(insert_then("c", true)));
+        let mut d = Box::pin(db.write(insert_then("d", false)));
+        for write in [&mut a, &mut b, &mut c, &mut d] {
+            queue(write).await;
+        }
+        release.send(()).unwrap();
+        blocker.await.unwrap();
+        let failed = |r: Result<(), Error>| r.unwrap_err().to_string();
+        assert!(failed(a.await).contains("UNIQUE constraint failed: t.v"));
+        b.await.unwrap();
+        assert!(failed(c.await).contains("UNIQUE constraint failed: t.v"));
+        d.await.unwrap();
+        assert_eq!(values(&db), ["seed", "b", "d"]);
     }
 
     /// Many writers at once: all committed, and a writer whose closure
