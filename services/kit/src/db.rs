@@ -24,6 +24,14 @@
 //!   is in the file. One thread handoff per transaction, instead of one per
 //!   statement.
 //!
+//! Statements on the request path avoid two shapes that make SQLite build
+//! a temporary b-tree (`OpenEphemeral`: a b-tree opened, a page allocated
+//! and zeroed, closed again) every time they run: `RETURNING` (its rows are
+//! collected in one) and `x IN (a, b, c, ...)` with more than two
+//! constants, in a statement or in a `CHECK` it evaluates (written as `x =
+//! a OR x = b ...` instead). Each service's tests hold its hot statements
+//! to that (`testing::ephemeral_tables`).
+//!
 //! Writers in other processes (two product-service instances sharing a
 //! file) are waited for by SQLite's busy timeout ([`BUSY_TIMEOUT`]); in
 //! this process writers queue for the thread in order and never contend.
@@ -549,6 +557,15 @@ fn migrate(conn: &mut Connection, path: &Path, migrations: &[Migration]) -> Resu
     Ok(())
 }
 
+/// Now as the services store a time: RFC 3339, UTC, whole seconds
+/// (`2026-12-08T01:02:03Z`), the text `strftime('%Y-%m-%dT%H:%M:%SZ',
+/// 'now')` gives. Statements on the request path bind this instead of
+/// calling `strftime`, which formats through SQLite's general printf
+/// (thousands of instructions a call, several calls per order).
+pub fn now_text() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
 /// True when `err` is a UNIQUE constraint violation on `table.column`.
 pub fn is_unique_violation(err: &rusqlite::Error, table_column: &str) -> bool {
     match err {
@@ -689,6 +706,43 @@ mod tests {
         assert!(failed(c.await).contains("UNIQUE constraint failed: t.v"));
         d.await.unwrap();
         assert_eq!(values(&db), ["seed", "b", "d"]);
+    }
+
+    #[tokio::test]
+    async fn now_text_is_what_strftime_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("t.db"), MIGRATIONS).await.unwrap();
+        let ours = now_text();
+        let sqlite: String = db
+            .read(|conn| {
+                conn.query_row("SELECT strftime('%Y-%m-%dT%H:%M:%SZ', 'now')", [], |r| {
+                    r.get(0)
+                })
+                .map_err(Error::from)
+            })
+            .unwrap();
+        assert_eq!(ours.len(), sqlite.len(), "{ours} / {sqlite}");
+        let apart = humantime::parse_rfc3339(&sqlite)
+            .unwrap()
+            .duration_since(humantime::parse_rfc3339(&ours).unwrap())
+            .unwrap();
+        assert!(apart <= Duration::from_secs(1), "{ours} / {sqlite}");
+    }
+
+    #[tokio::test]
+    async fn ephemeral_tables_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("t.db"), MIGRATIONS).await.unwrap();
+        db.read(|conn| {
+            let count = |sql| crate::testing::ephemeral_tables(conn, sql).unwrap();
+            assert_eq!(count("INSERT INTO t (v) VALUES (?)"), 0);
+            assert_eq!(count("INSERT INTO t (v) VALUES (?) RETURNING id"), 1);
+            // As a CHECK evaluates it: a value against a list of constants.
+            assert_eq!(count("SELECT ?1 IN ('a', 'b', 'c')"), 1);
+            assert_eq!(count("SELECT ?1 = 'a' OR ?1 = 'b' OR ?1 = 'c'"), 0);
+            Ok::<_, Error>(())
+        })
+        .unwrap();
     }
 
     /// Many writers at once: all committed, and a writer whose closure

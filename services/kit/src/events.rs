@@ -116,6 +116,11 @@ pub fn subject_of(kind: &str) -> String {
     }
 }
 
+/// [`record`]'s statement (on the request path: no temporary b-tree, see
+/// `db`'s module documentation).
+pub const RECORD: &str =
+    "INSERT INTO outbox (event_id, subject, payload, created_at) VALUES (?, ?, ?, ?)";
+
 /// Records an event of type `kind` about `about` in the write `conn` is
 /// doing ([`crate::db::Db::write`]): it is published once that commits.
 /// Returns the event id.
@@ -137,8 +142,10 @@ pub fn record(
         data,
     };
     let payload = serde_json::to_string(&event).unwrap_or_default();
-    conn.prepare_cached("INSERT INTO outbox (event_id, subject, payload) VALUES (?, ?, ?)")?
-        .execute((&event.id, subject_of(kind), payload))?;
+    // `created_at` is the event's time, bound: the column's default would
+    // format it again with `strftime`.
+    conn.prepare_cached(RECORD)?
+        .execute((&event.id, subject_of(kind), payload, &event.time))?;
     Ok(event.id)
 }
 

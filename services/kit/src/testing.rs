@@ -328,3 +328,17 @@ pub fn outbox_subjects(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(i64
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect()
 }
+
+/// How many temporary b-trees (`OpenEphemeral`) SQLite's program for `sql`
+/// opens each time it runs; statements on the request path should open
+/// none (see `db`'s module documentation). `sql` is compiled, not run.
+pub fn ephemeral_tables(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Result<usize> {
+    let mut explain = conn.prepare(&format!("EXPLAIN {sql}"))?;
+    let mut rows = explain.raw_query();
+    let mut count = 0;
+    while let Some(row) = rows.next()? {
+        let opcode: String = row.get(1)?;
+        count += usize::from(opcode == "OpenEphemeral");
+    }
+    Ok(count)
+}

@@ -41,6 +41,19 @@ use service_kit::{AppError, AppResult};
 use crate::dependencies::Refused;
 use crate::{AppState, Order, OrderItem, SERVICE_NAME, Status, load_order};
 
+// The statements of placing an order, the order path's: none opens a
+// temporary b-tree (no `RETURNING`; see `service_kit::db`), which
+// `hot_statements_open_no_temporary_btree` checks. Times are bound
+// (`db::now_text`), not formatted by `strftime` in the statement.
+const INSERT_PENDING: &str =
+    "INSERT INTO orders (user_id, total_cents, status, reservation_id, created_at, updated_at)
+     VALUES (?, 0, 'pending', ?, ?, ?)";
+const CONFIRM: &str = "UPDATE orders SET status = 'confirmed', total_cents = ?, updated_at = ?
+     WHERE id = ? AND status = 'pending'";
+const OWNER: &str = "SELECT user_id, created_at FROM orders WHERE id = ?";
+const INSERT_LINE: &str = "INSERT INTO order_items (order_id, product_id, quantity, price_cents)
+     VALUES (?, ?, ?, ?)";
+
 /// Pending orders younger than this are left to the request placing them.
 pub const DEFAULT_RECOVERY_GRACE: Duration = Duration::from_secs(15);
 /// How often pending orders are looked for.
@@ -114,12 +127,10 @@ fn placed(outcome: &str) {
 async fn insert_pending(state: &AppState, user_id: i64, reservation_id: &str) -> AppResult<i64> {
     let reservation_id = reservation_id.to_owned();
     let insert = state.db.write(move |conn| {
-        conn.prepare_cached(
-            "INSERT INTO orders (user_id, total_cents, status, reservation_id, updated_at)
-             VALUES (?, 0, 'pending', ?, strftime('%Y-%m-%dT%H:%M:%SZ', 'now')) RETURNING id",
-        )?
-        .query_row((user_id, reservation_id), |row| row.get(0))
-        .map_err(AppError::from)
+        let now = service_kit::db::now_text();
+        conn.prepare_cached(INSERT_PENDING)?
+            .execute((user_id, reservation_id, &now, &now))?;
+        Ok::<_, AppError>(conn.last_insert_rowid())
     });
     let id: i64 = service_kit::metrics::timed(SERVICE_NAME, "order_insert_pending", insert).await?;
     Ok(id)
@@ -157,21 +168,18 @@ async fn confirm(state: &AppState, id: i64, reservation: &Reservation) -> AppRes
         .ok_or_else(|| AppError::unprocessable("order total is too large"))?;
     let reservation_id = reservation.id.clone();
     let confirmed = state.db.write(move |conn| {
-        let row: Option<(i64, String)> = conn
-            .prepare_cached(
-                "UPDATE orders SET status = 'confirmed', total_cents = ?,
-                        updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now')
-                 WHERE id = ? AND status = 'pending' RETURNING user_id, created_at",
-            )?
-            .query_row((total.cents(), id), |row| Ok((row.get(0)?, row.get(1)?)))
-            .optional()?;
-        let Some((user_id, created_at)) = row else {
+        let changed = conn.prepare_cached(CONFIRM)?.execute((
+            total.cents(),
+            service_kit::db::now_text(),
+            id,
+        ))?;
+        if changed == 0 {
             return Ok(None);
-        };
-        let mut line = conn.prepare_cached(
-            "INSERT INTO order_items (order_id, product_id, quantity, price_cents)
-             VALUES (?, ?, ?, ?)",
-        )?;
+        }
+        let (user_id, created_at): (i64, String) = conn
+            .prepare_cached(OWNER)?
+            .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        let mut line = conn.prepare_cached(INSERT_LINE)?;
         for item in &items {
             line.execute((id, item.product_id, item.quantity, item.price.cents()))?;
         }
@@ -470,4 +478,28 @@ pub async fn on_stock_released(state: &AppState, event: events::Delivered) -> Re
         tracing::info!(order = id, "order cancelled: stock released");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Placing runs on every order: none of its statements may build a
+    /// temporary b-tree each time (see `service_kit::db`).
+    #[tokio::test]
+    async fn hot_statements_open_no_temporary_btree() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::open_db(&dir.path().join("orders.db")).await.unwrap();
+        db.read(|conn| {
+            for sql in [INSERT_PENDING, CONFIRM, OWNER, INSERT_LINE, events::RECORD] {
+                assert_eq!(
+                    service_kit::testing::ephemeral_tables(conn, sql)?,
+                    0,
+                    "{sql}"
+                );
+            }
+            Ok::<_, service_kit::db::Error>(())
+        })
+        .unwrap();
+    }
 }

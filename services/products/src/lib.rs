@@ -56,6 +56,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 6,
         sql: events::OUTBOX_V2_SQL,
     },
+    Migration {
+        version: 7,
+        sql: include_str!("../migrations/0007_checks_without_in_lists.sql"),
+    },
 ];
 
 /// How long a reservation is held unconfirmed before its stock returns: far
@@ -188,6 +192,15 @@ mod tests {
                     );
                 }
                 assert!(!schema("outbox")?.contains("AUTOINCREMENT"));
+                // Statuses are checked by comparisons (0007), and still checked.
+                assert!(!schema("reservations")?.contains(" IN ("));
+                assert!(
+                    conn.execute(
+                        "INSERT INTO reservations (id, status) VALUES ('r-3', 'lost')",
+                        []
+                    )
+                    .is_err()
+                );
                 let held: (String, Option<i64>) = conn.query_row(
                     "SELECT status, expires_at FROM reservations WHERE id = 'r-1'",
                     [],

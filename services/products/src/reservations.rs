@@ -44,6 +44,22 @@ const MAX_ID_CHARS: usize = 64;
 /// Expired reservations handled per sweep transaction.
 const SWEEP_BATCH: i64 = 100;
 
+// The statements of reserving and confirming, the order path's: none opens
+// a temporary b-tree (no `RETURNING`, no `IN` list; see `service_kit::db`),
+// which `hot_statements_open_no_temporary_btree` checks.
+const TAKE_STOCK: &str = "UPDATE products SET stock = stock - ?1 WHERE id = ?2 AND stock >= ?1";
+const PRICE: &str = "SELECT price_cents FROM products WHERE id = ?";
+const INSERT_HELD: &str =
+    "INSERT INTO reservations (id, status, expires_at, created_at) VALUES (?, 'held', ?, ?)";
+const INSERT_LINE: &str =
+    "INSERT INTO reservation_items (reservation_id, product_id, quantity, price_cents)
+     VALUES (?, ?, ?, ?)";
+const CONFIRM: &str = "UPDATE reservations SET status = 'confirmed', expires_at = NULL
+     WHERE id = ? AND status = 'held'";
+const STATUS: &str = "SELECT status FROM reservations WHERE id = ?";
+const LINES: &str = "SELECT product_id, quantity, price_cents FROM reservation_items
+     WHERE reservation_id = ? ORDER BY product_id";
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_CHARS
@@ -172,23 +188,19 @@ fn reserve_in(
         None => {}
     }
     let mut reserved = Vec::with_capacity(items.len());
-    // Take the stock only if there is enough; one statement, no race.
-    let mut take = conn.prepare_cached(
-        "UPDATE products SET stock = stock - ?1
-         WHERE id = ?2 AND stock >= ?1
-         RETURNING price_cents",
-    )?;
+    // Take the stock only if there is enough; one statement, no race. The
+    // price is read after it, in the same transaction (a `RETURNING` would
+    // collect it in a temporary b-tree on every run).
+    let mut take = conn.prepare_cached(TAKE_STOCK)?;
+    let mut price = conn.prepare_cached(PRICE)?;
     for item in items {
-        let price_cents: Option<i64> = take
-            .query_row((item.quantity, item.product_id), |row| row.get(0))
+        let taken = take.execute((item.quantity, item.product_id))? == 1;
+        let price_cents: Option<i64> = price
+            .query_row([item.product_id], |row| row.get(0))
             .optional()?;
-        let Some(price_cents) = price_cents else {
+        let (true, Some(price_cents)) = (taken, price_cents) else {
             // The error rolls back the lines already taken.
-            let exists = conn
-                .prepare_cached("SELECT 1 FROM products WHERE id = ?")?
-                .query_row([item.product_id], |_| Ok(()))
-                .optional()?
-                .is_some();
+            let exists = price_cents.is_some();
             counted(if exists { "insufficient" } else { "not_found" });
             return Err(if exists {
                 AppError::bad_request(format!(
@@ -205,12 +217,12 @@ fn reserve_in(
             price: Money::from_cents(price_cents),
         });
     }
-    conn.prepare_cached("INSERT INTO reservations (id, status, expires_at) VALUES (?, 'held', ?)")?
-        .execute((id, unix_now() + hold.as_secs() as i64))?;
-    let mut line = conn.prepare_cached(
-        "INSERT INTO reservation_items (reservation_id, product_id, quantity, price_cents)
-         VALUES (?, ?, ?, ?)",
-    )?;
+    conn.prepare_cached(INSERT_HELD)?.execute((
+        id,
+        unix_now() + hold.as_secs() as i64,
+        service_kit::db::now_text(),
+    ))?;
+    let mut line = conn.prepare_cached(INSERT_LINE)?;
     for item in &reserved {
         line.execute((id, item.product_id, item.quantity, item.price.cents()))?;
     }
@@ -293,11 +305,7 @@ pub async fn confirm(
         match reservation.status {
             ReservationStatus::Confirmed => Ok((reservation, false)),
             ReservationStatus::Held => {
-                conn.prepare_cached(
-                    "UPDATE reservations SET status = 'confirmed', expires_at = NULL
-                     WHERE id = ? AND status = 'held'",
-                )?
-                .execute([&id])?;
+                conn.prepare_cached(CONFIRM)?.execute([&id])?;
                 let confirmed = Reservation {
                     status: ReservationStatus::Confirmed,
                     ..reservation
@@ -494,7 +502,7 @@ pub async fn on_order_cancelled(state: &AppState, event: events::Delivered) -> R
 /// transaction: two statements.
 fn existing(conn: &Connection, id: &str) -> rusqlite::Result<Option<Reservation>> {
     let status: Option<String> = conn
-        .prepare_cached("SELECT status FROM reservations WHERE id = ?")?
+        .prepare_cached(STATUS)?
         .query_row([id], |row| row.get(0))
         .optional()?;
     let Some(status) = status else {
@@ -502,10 +510,7 @@ fn existing(conn: &Connection, id: &str) -> rusqlite::Result<Option<Reservation>
     };
     let status = ReservationStatus::parse(&status).unwrap_or(ReservationStatus::Released);
     let items = conn
-        .prepare_cached(
-            "SELECT product_id, quantity, price_cents FROM reservation_items
-             WHERE reservation_id = ? ORDER BY product_id",
-        )?
+        .prepare_cached(LINES)?
         .query_map([id], |row| {
             Ok(ReservedItem {
                 product_id: row.get("product_id")?,
@@ -519,4 +524,40 @@ fn existing(conn: &Connection, id: &str) -> rusqlite::Result<Option<Reservation>
         status,
         items,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reserving and confirming run on every order: none of their
+    /// statements may build a temporary b-tree each time (see
+    /// `service_kit::db`).
+    #[tokio::test]
+    async fn hot_statements_open_no_temporary_btree() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::open_db(&dir.path().join("products.db"))
+            .await
+            .unwrap();
+        db.read(|conn| {
+            for sql in [
+                TAKE_STOCK,
+                PRICE,
+                INSERT_HELD,
+                INSERT_LINE,
+                CONFIRM,
+                STATUS,
+                LINES,
+                events::RECORD,
+            ] {
+                assert_eq!(
+                    service_kit::testing::ephemeral_tables(conn, sql)?,
+                    0,
+                    "{sql}"
+                );
+            }
+            Ok::<_, service_kit::db::Error>(())
+        })
+        .unwrap();
+    }
 }
