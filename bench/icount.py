@@ -14,6 +14,11 @@ measures those, with timing noise).
 
   bench/icount.py --bin-dir target/release --orders 200
   bench/icount.py --bin-dir /tmp/before --orders 200 --env RUST_LOG=warn
+  bench/icount.py --bin-dir /tmp/before --gateway 2000
+
+`--gateway N` counts the gateway instead: one worker in front of a
+`bench-hello` backend, the access log on, N `GET /` on one kept-alive
+connection; instructions per request.
 
 Prints `user-service N product-service N order-service N sum N`
 (instructions per order), and with `--annotate` callgrind_annotate's
@@ -55,18 +60,78 @@ class Client:
         return json.loads(data)
 
 
+def count(dumps):
+    """Instructions in callgrind's dumps (`--dump` after the counted part)."""
+    total = 0
+    for path in dumps:
+        with open(path, errors="replace") as f:
+            total += next((int(line.split()[1]) for line in f if line.startswith("totals:")), 0)
+    return total
+
+
+def callgrind(work, name):
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={work}/{name}.%p"]
+
+
+def counted(run):
+    """Runs `run()` with instrumentation on in every callgrind process."""
+    subprocess.run(["callgrind_control", "--instr=on"], capture_output=True, check=True)
+    run()
+    subprocess.run(["callgrind_control", "--instr=off"], capture_output=True, check=True)
+    subprocess.run(["callgrind_control", "--dump=counted"], capture_output=True, check=True)
+    time.sleep(1)
+
+
+def gateway(args, work):
+    procs = bench.Processes()
+    try:
+        backend = bench.start_backend(procs, "icount-backend", 1)
+        port = bench.free_port()
+        path = os.path.join(work, "gateway.yaml")
+        with open(path, "w") as f:
+            f.write(f"""listen: "127.0.0.1:{port}"
+threads: 1
+services:
+  hello: {{ instances: ["127.0.0.1:{backend}"] }}
+routes:
+  - prefix: /
+    service: hello
+    plugins: [{{headers: {{response: {{set: {{x-served-by: bench}}}}}}}}]
+""")
+        procs.start("icount-gateway", callgrind(work, "gateway") + [os.path.join(args.bin_dir, "gateway"), "--config", path],
+                    env=dict(os.environ, RUST_LOG="info"))
+        bench.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+        def get(n):
+            for _ in range(n):
+                conn.request("GET", "/")
+                conn.getresponse().read()
+
+        get(50)
+        counted(lambda: get(args.gateway))
+    finally:
+        procs.stop()
+    per_request = count(glob.glob(f"{work}/gateway.*.1")) / args.gateway
+    print(f"gateway {per_request:.0f} (user-space instructions per request)")
+    return 0 if per_request else 1
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bin-dir", default=bench.RELEASE, help="where the service binaries are")
     parser.add_argument("--orders", type=int, default=200, help="orders counted (after 20 not counted)")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE in the services' environment")
     parser.add_argument("--annotate", type=int, default=0, metavar="N", help="print each service's N costliest functions")
+    parser.add_argument("--gateway", type=int, default=0, metavar="N", help="count the gateway over N requests instead")
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("icount: valgrind is needed (apt-get install valgrind)")
     work = os.path.join(bench.WORK, "icount")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(work, "data"))
+    if args.gateway:
+        return gateway(args, work)
     env = dict(os.environ, **dict(item.split("=", 1) for item in args.env))
     ports = {name: bench.free_port() for name in SERVICES}
     extra = {
@@ -77,9 +142,7 @@ def main():
     try:
         for name in SERVICES:
             short = name.split("-")[0]
-            procs.start(f"icount-{name}", [
-                "valgrind", "--tool=callgrind", "--instr-atstart=no",
-                f"--callgrind-out-file={work}/{name}.%p",
+            procs.start(f"icount-{name}", callgrind(work, name) + [
                 os.path.join(args.bin_dir, name), "--listen", f"127.0.0.1:{ports[name]}",
                 "--db", f"{work}/data/{short}.db", *extra.get(name, [])], env=env)
         for name in SERVICES:
@@ -92,22 +155,13 @@ def main():
         order = {"user_id": user["id"], "items": [{"product_id": product["id"], "quantity": 1}]}
         for _ in range(20):
             client.post(ports["order-service"], "/orders", order)
-        subprocess.run(["callgrind_control", "--instr=on"], capture_output=True, check=True)
-        for _ in range(args.orders):
-            client.post(ports["order-service"], "/orders", order)
-        subprocess.run(["callgrind_control", "--instr=off"], capture_output=True, check=True)
-        subprocess.run(["callgrind_control", "--dump=orders"], capture_output=True, check=True)
-        time.sleep(1)
+        counted(lambda: [client.post(ports["order-service"], "/orders", order) for _ in range(args.orders)])
     finally:
         procs.stop()
     counts = {}
     for name in SERVICES:
-        dumps = [path for path in glob.glob(f"{work}/{name}.*") if path.endswith(".1")]
-        total = 0
-        for path in dumps:
-            with open(path, errors="replace") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("totals:")), 0)
-        counts[name] = total / args.orders
+        dumps = glob.glob(f"{work}/{name}.*.1")
+        counts[name] = count(dumps) / args.orders
         if args.annotate and dumps:
             out = subprocess.run(["callgrind_annotate", "--inclusive=no", *dumps], capture_output=True, text=True).stdout
             rows = [line for line in out.splitlines() if "(" in line and "%)" in line][1:args.annotate + 1]

@@ -31,18 +31,8 @@ pub mod tracing_export;
 /// also receives Pingora's `log` records, through the buffered writer of
 /// [`engine::log_buffer`].
 pub fn init_tracing(format: telemetry::log::LogFormat) {
-    use engine::log_buffer;
     use std::io::IsTerminal;
-    use telemetry::log::LogFormat;
-    let ansi = std::io::stdout().is_terminal() && format == LogFormat::Text;
-    let installed = telemetry::log::init("gateway", format, ansi, log_buffer::BufferedStdout);
-    if installed {
-        log_buffer::set_plain(!ansi && format == LogFormat::Text);
-        log_buffer::set_json(format == LogFormat::Json);
-        if let Err(err) = log_buffer::start_flusher() {
-            eprintln!("cannot start the log writer thread: {err}");
-        }
-    }
+    engine::log_buffer::install("gateway", format, std::io::stdout().is_terminal());
 }
 
 /// Writes out the log lines still buffered; call before the process exits.

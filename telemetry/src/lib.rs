@@ -10,6 +10,9 @@
 //!   upstream attempts error timeout`.
 //! - [`log_buffer`]: log lines appended to a buffer that a thread writes
 //!   to stdout every 100 ms: no system call per line on the request path.
+//! - [`plain`]: the once-per-request lines (the gateway's access line, the
+//!   services' request line) formatted by hand, byte for byte as the text
+//!   format writes them.
 //! - [`export`]: OTLP export of finished spans (off unless
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set) and the sampling decision.
 //! - `receiver` (feature `receiver`, for tests): an OTLP/HTTP receiver that
@@ -18,6 +21,7 @@
 pub mod export;
 pub mod log;
 pub mod log_buffer;
+pub mod plain;
 #[cfg(feature = "receiver")]
 pub mod receiver;
 pub mod trace;

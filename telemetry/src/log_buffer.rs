@@ -127,6 +127,25 @@ impl<'a> MakeWriter<'a> for BufferedStdout {
     }
 }
 
+/// Installs the process's subscriber for `service` in `format` writing into
+/// the buffer (colours only with `ansi`, text only), records which lines
+/// may be [`append`]ed by hand ([`plain`], [`json`]), and starts the
+/// thread that writes the buffer out. `false` if a subscriber was already
+/// installed (tests): nothing else is done then.
+pub fn install(service: &'static str, format: crate::log::LogFormat, ansi: bool) -> bool {
+    use crate::log::LogFormat;
+    let ansi = ansi && format == LogFormat::Text;
+    if !crate::log::init(service, format, ansi, BufferedStdout) {
+        return false;
+    }
+    set_plain(!ansi && format == LogFormat::Text);
+    set_json(format == LogFormat::Json);
+    if let Err(err) = start_flusher() {
+        eprintln!("{service}: cannot start the log writer thread: {err}");
+    }
+    true
+}
+
 /// Starts the thread that writes the buffer out every [`FLUSH_INTERVAL`].
 pub fn start_flusher() -> std::io::Result<()> {
     std::thread::Builder::new()

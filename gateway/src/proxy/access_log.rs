@@ -1,11 +1,11 @@
 //! The access log: one line per request, after its response.
 //!
 //! With the plain text format (no colours: the usual case, stdout is not a
-//! terminal), the line is formatted here, byte for byte as
-//! `tracing_subscriber`'s plain format would write it, and appended to the
-//! log buffer (`engine::log_buffer`), for about half of what going through
-//! `tracing` costs (`bench/notes.md`). Otherwise it goes through `tracing`
-//! like every other line.
+//! terminal), the line is formatted here (`telemetry::plain`), byte for
+//! byte as `tracing_subscriber`'s plain format would write it, and appended
+//! to the log buffer (`engine::log_buffer`), for about half of what going
+//! through `tracing` costs (`bench/notes.md`). Otherwise it goes through
+//! `tracing` like every other line.
 
 use std::net::SocketAddr;
 
@@ -16,6 +16,7 @@ use crate::engine::log_buffer;
 use crate::errors::Failure;
 use crate::policy::forwarding;
 use crate::policy::plugins::Consumer;
+use telemetry::plain::{push_debug, push_hex, push_number, write_timestamp};
 use telemetry::trace::TraceContext;
 
 /// Writes the access line of the request `ctx` describes; `failure`, if it
@@ -174,14 +175,6 @@ impl std::fmt::Display for Hex<'_> {
     }
 }
 
-/// An id (at most 16 bytes) in lowercase hex.
-fn push_hex(line: &mut String, bytes: &[u8]) {
-    let mut digits = [0; 32];
-    let digits = &mut digits[..2 * bytes.len().min(16)];
-    telemetry::trace::hex_into(bytes, digits);
-    line.push_str(std::str::from_utf8(digits).unwrap_or_default());
-}
-
 impl AccessLine<'_> {
     /// The JSON line (`--log-format json`): the field names every process
     /// uses, formatted here and appended to the log buffer like the text
@@ -234,60 +227,6 @@ impl AccessLine<'_> {
     }
 }
 
-/// `n` in decimal.
-fn push_number(line: &mut String, n: u64) {
-    line.push_str(itoa::Buffer::new().format(n));
-}
-
-/// `text` as `{:?}` writes it; without `fmt` when nothing needs escaping.
-fn push_debug(line: &mut String, text: &str) {
-    if text
-        .bytes()
-        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
-    {
-        line.push('"');
-        line.push_str(text);
-        line.push('"');
-    } else {
-        use std::fmt::Write as _;
-        let _ = write!(line, "{text:?}");
-    }
-}
-
-/// `now` in RFC 3339 with microseconds, as `humantime` (and so `tracing`'s
-/// default format) writes it; the part to the second is formatted once a
-/// second per thread, the rest by hand.
-fn write_timestamp(line: &mut String, now: std::time::SystemTime) {
-    use std::fmt::Write as _;
-    thread_local! {
-        static SECOND: std::cell::RefCell<(u64, String)> =
-            const { std::cell::RefCell::new((u64::MAX, String::new())) };
-    }
-    let since_epoch = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let seconds = since_epoch.as_secs();
-    SECOND.with_borrow_mut(|(cached, prefix)| {
-        if *cached != seconds {
-            prefix.clear();
-            let second = std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
-            let _ = write!(prefix, "{}", humantime::format_rfc3339_seconds(second));
-            prefix.pop(); // its 'Z': the fraction comes first
-            *cached = seconds;
-        }
-        line.push_str(prefix);
-    });
-    let mut micros = since_epoch.subsec_micros();
-    let mut digits = [b'0'; 6];
-    for digit in digits.iter_mut().rev() {
-        *digit = b'0' + (micros % 10) as u8;
-        micros /= 10;
-    }
-    line.push('.');
-    line.extend(digits.iter().map(|&digit| char::from(digit)));
-    line.push('Z');
-}
-
 /// `Option<SocketAddr>` for the access log, `-` when absent, without
 /// formatting it into a string first.
 struct LoggedUpstream<'a>(Option<&'a SocketAddr>);
@@ -317,30 +256,6 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
-    }
-
-    #[test]
-    fn the_hand_made_timestamp_is_the_one_humantime_writes() {
-        let start = std::time::SystemTime::now();
-        let mut line = String::new();
-        for step_micros in [
-            0,
-            1,
-            999_999,
-            1_000_000,
-            1_234_567,
-            59_999_999,
-            86_400_000_001,
-        ] {
-            let at = start + std::time::Duration::from_micros(step_micros);
-            line.clear();
-            write_timestamp(&mut line, at);
-            assert_eq!(line, humantime::format_rfc3339_micros(at).to_string());
-        }
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_micros(42);
-        line.clear();
-        write_timestamp(&mut line, at);
-        assert_eq!(line, "1970-01-01T00:00:00.000042Z");
     }
 
     #[test]

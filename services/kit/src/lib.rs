@@ -14,6 +14,7 @@
 //!   thread, writes grouped on one writer thread.
 //! - [`serve`]: binding, graceful shutdown on SIGTERM/Ctrl-C, the common
 //!   router layers, logging set-up and the `/health` handler.
+//! - [`access_log`]: the line each request leaves in the log.
 //! - [`events`]: the transactional outbox, its relay to NATS JetStream, and
 //!   event consumers that apply each event once.
 //! - [`fault`]: the crash tests' fault injection.
@@ -24,6 +25,7 @@
 //!   on to the services it calls.
 //! - [`testing`]: calling a router in-process from tests.
 
+pub mod access_log;
 #[cfg(feature = "contract")]
 pub mod contract;
 pub mod db;

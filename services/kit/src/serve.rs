@@ -38,13 +38,7 @@ pub const SERVICE_VERSION: &str = "1.0.0";
 /// subscriber.
 pub fn init_tracing(service: &'static str, format: telemetry::log::LogFormat) -> LogGuard {
     use std::io::IsTerminal;
-    use telemetry::log_buffer;
-    let ansi = std::io::stdout().is_terminal();
-    if telemetry::log::init(service, format, ansi, log_buffer::BufferedStdout)
-        && let Err(err) = log_buffer::start_flusher()
-    {
-        eprintln!("{service}: cannot start the log writer thread: {err}");
-    }
+    telemetry::log_buffer::install(service, format, std::io::stdout().is_terminal());
     LogGuard
 }
 
@@ -236,15 +230,24 @@ async fn observe_request(
         status,
         &request_id,
     );
-    let duration_ms = elapsed.as_secs_f64() * 1000.0;
-    let _in_request = span.enter();
     // Health probes and scrapes arrive every second: keep them out of the
     // default log unless they fail.
-    if matches!(path.as_str(), "/health" | "/metrics") && response.status().is_success() {
-        tracing::debug!(%method, %path, route, status, duration_ms, "request");
+    let level = if matches!(path.as_str(), "/health" | "/metrics") && response.status().is_success()
+    {
+        tracing::Level::DEBUG
     } else {
-        tracing::info!(%method, %path, route, status, duration_ms, "request");
+        tracing::Level::INFO
+    };
+    crate::access_log::RequestLine {
+        method: method.as_str(),
+        path: &path,
+        route,
+        status,
+        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        request_id: &request_id,
+        trace: &trace,
     }
+    .log(level, &span);
     response
 }
 

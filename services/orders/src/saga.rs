@@ -105,7 +105,7 @@ pub async fn place(state: &AppState, user_id: i64, items: Vec<ItemRequest>) -> A
         AppError::unavailable("The order could not be completed; it was not placed")
     })?;
     fault::exit_after("confirmed");
-    tracing::info!(order = order.id, user_id, total = %order.total, "order placed");
+    tracing::info!(order = order.id, user_id, total = %order.total, reservation = %reservation_id, "order placed");
     Ok(order)
 }
 

@@ -161,7 +161,9 @@ pub async fn reserve(
         state.relay.wake();
         counted("reserved");
         service_kit::fault::exit_after("reserved");
-        tracing::info!(reservation = %reservation.id, lines = reservation.items.len(), "stock reserved");
+        // Debug: every order reserves; its request line and the
+        // `stock.reserved` event already say so.
+        tracing::debug!(reservation = %reservation.id, lines = reservation.items.len(), "stock reserved");
     }
     Ok((status, Json(reservation)))
 }
@@ -321,7 +323,8 @@ pub async fn confirm(
     let (reservation, changed) = confirm.await?;
     if changed {
         counted("confirmed");
-        tracing::info!(reservation = %reservation.id, "reservation confirmed");
+        // Debug, as "stock reserved": once per order.
+        tracing::debug!(reservation = %reservation.id, "reservation confirmed");
     }
     Ok(Json(reservation))
 }
