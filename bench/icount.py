@@ -5,9 +5,12 @@ changes too small for paired timing rounds to see (a few percent).
 
 The three services run under callgrind (instrumentation off until the
 warm-up is done), each with its own fresh database; orders are placed
-directly at order-service, one at a time, on kept-alive connections
-(the gateway is not in it: `bench/ab.py` measures the gateway). One
-client at a time means every database write is a group of its own.
+directly at order-service on kept-alive connections (the gateway is not
+in it: `--gateway` counts it), one at a time or `--clients N` at once.
+One client at a time means every database write is a group of its own;
+with several, writes queue and commit in groups, as under load (valgrind
+runs one thread at a time, so the group sizes are its own, not the
+machine's).
 Counts only what runs in user space: system calls and the scheduler, a
 good part of a service's time, are not in it (`bench/stack_ab.py`
 measures those, with timing noise).
@@ -33,6 +36,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import bench
@@ -123,6 +127,7 @@ def main():
     parser.add_argument("--orders", type=int, default=200, help="orders counted (after 20 not counted)")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE in the services' environment")
     parser.add_argument("--annotate", type=int, default=0, metavar="N", help="print each service's N costliest functions")
+    parser.add_argument("--clients", type=int, default=1, help="orders placed at once (the count is split between them)")
     parser.add_argument("--gateway", type=int, default=0, metavar="N", help="count the gateway over N requests instead")
     args = parser.parse_args()
     if not shutil.which("valgrind"):
@@ -155,7 +160,21 @@ def main():
         order = {"user_id": user["id"], "items": [{"product_id": product["id"], "quantity": 1}]}
         for _ in range(20):
             client.post(ports["order-service"], "/orders", order)
-        counted(lambda: [client.post(ports["order-service"], "/orders", order) for _ in range(args.orders)])
+        def place(n):
+            mine = Client()
+            for _ in range(n):
+                mine.post(ports["order-service"], "/orders", order)
+
+        def load():
+            # `--clients` at once, the orders split between them: writes
+            # then queue behind each other and commit in groups.
+            threads = [threading.Thread(target=place, args=(args.orders // args.clients,)) for _ in range(args.clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+        counted(load)
     finally:
         procs.stop()
     counts = {}

@@ -326,14 +326,38 @@ fn copy_error(err: &rusqlite::Error) -> rusqlite::Error {
 
 /// The writer thread: groups of queued closures, one transaction each,
 /// until the queue is closed and empty.
-fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Box<dyn Job>>) {
+fn run_writer(conn: Connection, jobs: mpsc::Receiver<Box<dyn Job>>) {
     while let Ok(first) = jobs.recv() {
         let mut group = VecDeque::with_capacity(8);
         group.push_back(first);
         group.extend(jobs.try_iter().take(GROUP_MAX - 1));
         while !group.is_empty() {
-            commit_group(&mut conn, &mut group);
+            commit_group(&conn, &mut group);
         }
+    }
+}
+
+/// The statements that begin and end the writer's transactions and
+/// savepoints, prepared once on the writing connection and kept in its
+/// statement cache (rusqlite's `Transaction` and `Savepoint` send them as
+/// text, which SQLite parses again on every group and every write).
+const BEGIN: &str = "BEGIN IMMEDIATE";
+const COMMIT: &str = "COMMIT";
+const ROLLBACK: &str = "ROLLBACK";
+const SAVEPOINT: &str = "SAVEPOINT write";
+const RELEASE: &str = "RELEASE write";
+const ROLLBACK_TO: &str = "ROLLBACK TO write";
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+/// Ends the transaction `conn` is in, if any, undoing it.
+fn roll_back(conn: &Connection) {
+    if !conn.is_autocommit()
+        && let Err(err) = exec(conn, ROLLBACK)
+    {
+        tracing::warn!(error = %err, "database: a write transaction could not be rolled back");
     }
 }
 
@@ -347,26 +371,25 @@ fn run_writer(mut conn: Connection, jobs: mpsc::Receiver<Box<dyn Job>>) {
 /// group starts a new one. Every later job runs in a savepoint of its own,
 /// which SQLite makes by copying each page the job touches into a
 /// sub-journal first: the cost of isolating it from the jobs before it.
-fn commit_group(conn: &mut Connection, group: &mut VecDeque<Box<dyn Job>>) {
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(err) => {
-            tracing::warn!(error = %err, "database: cannot begin a write transaction");
-            for job in group.drain(..) {
-                job.refuse(copy_error(&err));
-            }
-            return;
+fn commit_group(conn: &Connection, group: &mut VecDeque<Box<dyn Job>>) {
+    // A transaction left open by a failure that could not be rolled back
+    // is ended before a new one begins.
+    roll_back(conn);
+    if let Err(err) = exec(conn, BEGIN) {
+        tracing::warn!(error = %err, "database: cannot begin a write transaction");
+        for job in group.drain(..) {
+            job.refuse(copy_error(&err));
         }
-    };
+        return;
+    }
     let Some(first) = group.pop_front() else {
+        roll_back(conn);
         return;
     };
-    let (keep, answer) = first.run(&tx);
+    let (keep, answer) = first.run(conn);
     if !keep {
         // Only the first job's changes are in it: undo them all.
-        if let Err(err) = tx.rollback() {
-            tracing::warn!(error = %err, "database: a failed write could not be rolled back");
-        }
+        roll_back(conn);
         answer.send(Ok(()));
         return;
     }
@@ -381,34 +404,32 @@ fn commit_group(conn: &mut Connection, group: &mut VecDeque<Box<dyn Job>>) {
             ));
             continue;
         }
-        let savepoint = match tx.savepoint() {
-            Ok(savepoint) => savepoint,
-            Err(err) => {
-                job.refuse(copy_error(&err));
-                broken = Some(err);
-                continue;
-            }
-        };
-        let (keep, answer) = job.run(&savepoint);
+        if let Err(err) = exec(conn, SAVEPOINT) {
+            job.refuse(copy_error(&err));
+            broken = Some(err);
+            continue;
+        }
+        let (keep, answer) = job.run(conn);
         answers.push(answer);
-        // `finish` rolls an unkept savepoint back (and releases it); one
-        // that cannot be ended leaves the transaction in doubt, so the
-        // whole group fails rather than keep half a write.
+        // An unkept savepoint is rolled back, then released; one that
+        // cannot be ended leaves the transaction in doubt, so the whole
+        // group fails rather than keep half a write.
         let ended = if keep {
-            savepoint.commit()
+            exec(conn, RELEASE)
         } else {
-            savepoint.finish()
+            exec(conn, ROLLBACK_TO).and_then(|()| exec(conn, RELEASE))
         };
         if let Err(err) = ended {
             broken = Some(err);
         }
     }
     let committed = match broken {
-        // Dropping the transaction rolls it back.
         Some(err) => Err(err),
-        None => tx.commit(),
+        None => exec(conn, COMMIT),
     };
     if let Err(err) = &committed {
+        // A failed COMMIT (or a broken group) leaves the transaction open.
+        roll_back(conn);
         tracing::warn!(error = %err, writes = answers.len(), "database: a write transaction failed");
     }
     for answer in answers {
