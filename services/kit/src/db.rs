@@ -459,9 +459,10 @@ fn open_writer(path: &Path) -> Result<Connection, rusqlite::Error> {
     // loss can drop the last transactions.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // The savepoint of each grouped write journals in memory: no temporary
-    // file created, written and unlinked for it.
-    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // The savepoints of a group journal in memory (up to the build's
+    // `SQLITE_STMTJRNL_SPILL`, `.cargo/config.toml`), in large chunks: no
+    // temporary file, and not `temp_store = MEMORY`, whose journal takes a
+    // malloc per KiB copied.
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -861,6 +862,10 @@ mod tests {
             .unwrap();
         assert!(
             options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+        assert!(
+            options.iter().any(|o| o == "STMTJRNL_SPILL=4194304"),
             "{options:?}"
         );
         assert!(
