@@ -10,13 +10,19 @@
 //! are never lost and never reordered. Without a broker the rows wait in
 //! the outbox.
 //!
+//! Rows are published in `seq` order and only ever after every row before
+//! them, so what is published is always a prefix of the outbox: one number
+//! says how far (`outbox_published.seq`), and an event costs one b-tree
+//! insert when it is recorded and nothing per row when it is published.
+//!
 //! A consumer ([`consume`]) reads a durable JetStream consumer, at least
 //! once; its handler applies an event exactly once by recording the event
 //! id in the `inbox` table in the same transaction as its effect
 //! ([`first_delivery`]).
 //!
-//! The tables (`outbox`, `inbox`) are created by each service's own
-//! migrations, [`OUTBOX_SQL`] then [`OUTBOX_V2_SQL`].
+//! The tables (`outbox`, `outbox_published`, `inbox`) are created by each
+//! service's own migrations, [`OUTBOX_SQL`], [`OUTBOX_V2_SQL`] then
+//! [`OUTBOX_V3_SQL`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -78,6 +84,35 @@ CREATE TABLE inbox_v2 (
 INSERT INTO inbox_v2 (event_id, handled_at) SELECT event_id, handled_at FROM inbox;
 DROP TABLE inbox;
 ALTER TABLE inbox_v2 RENAME TO inbox;
+";
+
+/// The third step, after [`OUTBOX_V2_SQL`]: one b-tree written per event.
+/// The outbox kept two indexes besides its rows, each one more page in the
+/// WAL per commit: `event_id`'s (UNIQUE; nothing looks events up by id,
+/// and v7 ids made here do not collide) and the unpublished rows' (the
+/// relay's queue). Since the published rows are always a prefix in `seq`
+/// order, how far the relay got is one row (`outbox_published`) instead of
+/// a `published_at` written on every event.
+pub const OUTBOX_V3_SQL: &str = "
+CREATE TABLE outbox_v3 (
+    -- Publication order: the rowid, never reused (rows are never deleted).
+    seq        INTEGER PRIMARY KEY,
+    event_id   TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    payload    TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+INSERT INTO outbox_v3 (seq, event_id, subject, payload, created_at)
+    SELECT seq, event_id, subject, payload, created_at FROM outbox;
+-- Every event up to `seq` is published (acknowledged by JetStream).
+CREATE TABLE outbox_published (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
+INSERT INTO outbox_published (id, seq)
+    SELECT 1, coalesce(max(seq), 0) FROM outbox WHERE published_at IS NOT NULL;
+DROP TABLE outbox;
+ALTER TABLE outbox_v3 RENAME TO outbox;
 ";
 
 /// Events published per round trip to the database.
@@ -284,17 +319,8 @@ async fn run_relay(db: Db, broker: Broker, wake: Arc<Notify>) {
 /// Publishes one batch of unpublished events in order, marking each batch
 /// published once JetStream acknowledged all of it.
 async fn publish_pending(db: &Db, broker: &Broker) -> Result<usize, String> {
-    let rows: Vec<(i64, String, String, String)> = db
-        .read(|conn| {
-            let mut unpublished = conn.prepare_cached(
-                "SELECT seq, event_id, subject, payload FROM outbox
-                 WHERE published_at IS NULL ORDER BY seq LIMIT ?",
-            )?;
-            let rows = unpublished.query_map([BATCH], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-            })?;
-            Ok::<_, crate::db::Error>(rows.collect::<Result<_, _>>()?)
-        })
+    let rows = db
+        .read(|conn| unpublished(conn, BATCH).map_err(crate::db::Error::from))
         .map_err(|err| format!("outbox: {err}"))?;
     let mut last = None;
     let mut failure = None;
@@ -310,21 +336,38 @@ async fn publish_pending(db: &Db, broker: &Broker) -> Result<usize, String> {
         last = Some(*seq);
     }
     if let Some(last) = last {
-        db.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE outbox SET published_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-                 WHERE seq <= ? AND published_at IS NULL",
-            )?
-            .execute([last])?;
-            Ok::<_, crate::db::Error>(())
-        })
-        .await
-        .map_err(|err| format!("outbox: {err}"))?;
+        db.write(move |conn| mark_published(conn, last).map_err(crate::db::Error::from))
+            .await
+            .map_err(|err| format!("outbox: {err}"))?;
     }
     match failure {
         Some(err) => Err(err),
         None => Ok(rows.len()),
     }
+}
+
+/// The first `limit` events not published yet, in order: `(seq, event id,
+/// subject, payload)`.
+fn unpublished(
+    conn: &Connection,
+    limit: i64,
+) -> rusqlite::Result<Vec<(i64, String, String, String)>> {
+    conn.prepare_cached(
+        "SELECT seq, event_id, subject, payload FROM outbox
+         WHERE seq > (SELECT seq FROM outbox_published) ORDER BY seq LIMIT ?",
+    )?
+    .query_map([limit], |row| {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+    })?
+    .collect()
+}
+
+/// Every event up to `last` is published. Never backwards: two instances
+/// sharing a file relay the same outbox.
+fn mark_published(conn: &Connection, last: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE outbox_published SET seq = ?1 WHERE seq < ?1")?
+        .execute([last])
+        .map(drop)
 }
 
 /// One delivered event: its id, type and data.
@@ -419,4 +462,115 @@ where
         }
     }
     Err("the message stream ended".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{self, Migration};
+
+    const BEFORE: &[Migration] = &[
+        Migration {
+            version: 1,
+            sql: OUTBOX_SQL,
+        },
+        Migration {
+            version: 2,
+            sql: OUTBOX_V2_SQL,
+        },
+    ];
+    const AFTER: &[Migration] = &[
+        BEFORE[0],
+        BEFORE[1],
+        Migration {
+            version: 3,
+            sql: OUTBOX_V3_SQL,
+        },
+    ];
+
+    fn subjects(rows: &[(i64, String, String, String)]) -> Vec<(i64, &str)> {
+        rows.iter()
+            .map(|(seq, _, subject, _)| (*seq, subject.as_str()))
+            .collect()
+    }
+
+    /// What the relay had published before the third step (a prefix,
+    /// marked row by row) is where it goes on from after it; the rows and
+    /// their order are kept, and the outbox has no index left.
+    #[tokio::test]
+    async fn the_one_btree_outbox_keeps_rows_and_how_far_they_went() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        let before = db::open(&path, BEFORE).await.unwrap();
+        before
+            .write(|conn| {
+                conn.execute_batch(
+                    "INSERT INTO outbox (event_id, subject, payload, published_at)
+                         VALUES ('e-1', 'a.one', '{}', 'then'), ('e-2', 'a.two', '{}', 'then');
+                     INSERT INTO outbox (event_id, subject, payload) VALUES ('e-3', 'a.three', '{}');",
+                )
+                .map_err(db::Error::from)
+            })
+            .await
+            .unwrap();
+        before.close().await;
+
+        let after = db::open(&path, AFTER).await.unwrap();
+        after
+            .write(|conn| {
+                record(conn, "test", "a.four", "x/1".into(), Value::Null).map_err(db::Error::from)
+            })
+            .await
+            .unwrap();
+        let pending = after
+            .read(|conn| unpublished(conn, 10).map_err(db::Error::from))
+            .unwrap();
+        assert_eq!(subjects(&pending), [(3, "a.three"), (4, "a.four")]);
+        after
+            .write(|conn| mark_published(conn, 4).map_err(db::Error::from))
+            .await
+            .unwrap();
+        // A relay that got less far (another instance) does not go back.
+        after
+            .write(|conn| mark_published(conn, 3).map_err(db::Error::from))
+            .await
+            .unwrap();
+        let (pending, indexes) = after
+            .read(|conn| {
+                let indexes: i64 = conn.query_row(
+                    "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'outbox'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                Ok::<_, db::Error>((unpublished(conn, 10)?, indexes))
+            })
+            .unwrap();
+        assert!(pending.is_empty(), "{pending:?}");
+        assert_eq!(indexes, 0);
+        let all = after
+            .read(|conn| crate::testing::outbox_subjects(conn).map_err(db::Error::from))
+            .unwrap();
+        assert_eq!(
+            all,
+            [
+                (1, "a.one".to_owned()),
+                (2, "a.two".to_owned()),
+                (3, "a.three".to_owned()),
+                (4, "a.four".to_owned())
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn recording_an_event_opens_no_temporary_btree() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db::open(&dir.path().join("events.db"), AFTER)
+            .await
+            .unwrap();
+        db.read(|conn| {
+            assert_eq!(crate::testing::ephemeral_tables(conn, RECORD)?, 0);
+            Ok::<_, db::Error>(())
+        })
+        .unwrap();
+    }
 }

@@ -60,6 +60,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: events::OUTBOX_V2_SQL,
     },
+    Migration {
+        version: 6,
+        sql: events::OUTBOX_V3_SQL,
+    },
 ];
 
 /// Most lines in one order (after merging duplicates).

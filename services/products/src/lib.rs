@@ -60,6 +60,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 7,
         sql: include_str!("../migrations/0007_checks_without_in_lists.sql"),
     },
+    Migration {
+        version: 8,
+        sql: events::OUTBOX_V3_SQL,
+    },
 ];
 
 /// How long a reservation is held unconfirmed before its stock returns: far
