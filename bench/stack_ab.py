@@ -109,7 +109,10 @@ def main():
         "cpu_ratio_by_process": {
             name: statistics.median(p["b"]["cpu_us_per_request_by_process"][name] / p["a"]["cpu_us_per_request_by_process"][name]
                                     for p in pairs if p["a"]["cpu_us_per_request_by_process"][name])
-            for name in processes if any(p["a"]["cpu_us_per_request_by_process"][name] for p in pairs)
+            # Processes the load does not reach (users for a GET of a
+            # product) only answer health checks: no ratio.
+            for name in processes
+            if statistics.median(p["a"]["cpu_us_per_request_by_process"][name] for p in pairs) >= 1.0
         },
         "a_cpu_us": statistics.median(p["a"]["cpu_us_per_request"] for p in pairs),
         "b_cpu_us": statistics.median(p["b"]["cpu_us_per_request"] for p in pairs),

@@ -13,6 +13,9 @@
 //! - [`plain`]: the once-per-request lines (the gateway's access line, the
 //!   services' request line) formatted by hand, byte for byte as the text
 //!   format writes them.
+//! - [`request`]: the request a piece of work is done for (its id and
+//!   trace context), in a task-local that log lines and outgoing calls
+//!   read.
 //! - [`export`]: OTLP export of finished spans (off unless
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set) and the sampling decision.
 //! - `receiver` (feature `receiver`, for tests): an OTLP/HTTP receiver that
@@ -24,4 +27,5 @@ pub mod log_buffer;
 pub mod plain;
 #[cfg(feature = "receiver")]
 pub mod receiver;
+pub mod request;
 pub mod trace;

@@ -15,6 +15,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// second per thread, the rest by hand.
 #[inline]
 pub fn write_timestamp(line: &mut String, now: SystemTime) {
+    let _ = timestamp(line, now);
+}
+
+/// [`write_timestamp`] into any `fmt::Write`.
+#[inline]
+pub fn timestamp(out: &mut impl std::fmt::Write, now: SystemTime) -> std::fmt::Result {
     thread_local! {
         static SECOND: std::cell::RefCell<(u64, String)> =
             const { std::cell::RefCell::new((u64::MAX, String::new())) };
@@ -29,17 +35,15 @@ pub fn write_timestamp(line: &mut String, now: SystemTime) {
             prefix.pop(); // its 'Z': the fraction comes first
             *cached = seconds;
         }
-        line.push_str(prefix);
-    });
+        out.write_str(prefix)
+    })?;
     let mut micros = since_epoch.subsec_micros();
-    let mut digits = [b'0'; 6];
-    for digit in digits.iter_mut().rev() {
+    let mut digits = [b'.', b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
+    for digit in digits[1..7].iter_mut().rev() {
         *digit = b'0' + (micros % 10) as u8;
         micros /= 10;
     }
-    line.push('.');
-    line.extend(digits.iter().map(|&digit| char::from(digit)));
-    line.push('Z');
+    out.write_str(std::str::from_utf8(&digits).unwrap_or_default())
 }
 
 /// `n` in decimal.

@@ -1,6 +1,7 @@
 //! The request line: one log line per request a service answers, written
-//! in its `request` span (`request_id`, `trace_id`, `span_id`) by
-//! `serve`'s middleware once the response is ready.
+//! by `serve`'s middleware once the response is ready, within the request
+//! (`telemetry::request`), so it reads
+//! `request{request_id=.. trace_id=.. span_id=..}: service_kit::serve: request method=..`.
 //!
 //! With the plain text format (no colours: the usual case, stdout is not a
 //! terminal) the line is formatted here, byte for byte as `tracing`'s text
@@ -27,8 +28,7 @@ pub struct RequestLine<'a> {
     pub trace: &'a TraceContext,
 }
 
-/// The target of the line (and of its span): this module's, as before it
-/// was written by hand.
+/// The target of the line: `serve`'s, as before it was written by hand.
 const TARGET: &str = "service_kit::serve";
 
 thread_local! {
@@ -39,8 +39,8 @@ thread_local! {
 
 impl RequestLine<'_> {
     /// Writes the line at `level` (`INFO`, or `DEBUG` for a successful
-    /// health check or scrape), within `span` (the request's).
-    pub fn log(&self, level: Level, span: &tracing::Span) {
+    /// health check or scrape); called within the request's context.
+    pub fn log(&self, level: Level) {
         let enabled = if level == Level::INFO {
             tracing::enabled!(target: TARGET, Level::INFO)
         } else {
@@ -49,20 +49,19 @@ impl RequestLine<'_> {
         if !enabled {
             return;
         }
-        if log_buffer::plain() && !span.is_disabled() {
+        if log_buffer::plain() {
             LINE.with_borrow_mut(|line| {
                 line.clear();
                 self.format(line, level, std::time::SystemTime::now());
                 log_buffer::append(line.as_bytes());
             });
         } else {
-            self.trace(level, span);
+            self.trace(level);
         }
     }
 
     /// Through `tracing`, like every other line.
-    fn trace(&self, level: Level, span: &tracing::Span) {
-        let _in_request = span.enter();
+    fn trace(&self, level: Level) {
         let (method, path, route, status, duration_ms) = (
             self.method,
             self.path,
@@ -77,8 +76,8 @@ impl RequestLine<'_> {
         }
     }
 
-    /// Byte for byte what [`Self::trace`] makes `tracing`'s plain format
-    /// write, the span's fields included.
+    /// Byte for byte what [`Self::trace`] makes `telemetry::log`'s text
+    /// format write within the request, its `request{..}` included.
     fn format(&self, line: &mut String, level: Level, now: std::time::SystemTime) {
         use std::fmt::Write as _;
         write_timestamp(line, now);
@@ -184,17 +183,14 @@ mod tests {
                 .with_ansi(false)
                 .with_max_level(Level::DEBUG)
                 .with_writer(move || sink.clone())
+                .event_format(telemetry::log::TextLines)
                 .finish();
+            let context = telemetry::request::RequestContext {
+                request_id: request_id.into(),
+                trace,
+            };
             tracing::subscriber::with_default(subscriber, || {
-                // The span as `serve` makes it.
-                let span = tracing::info_span!(
-                    target: TARGET,
-                    "request",
-                    request_id = %request_id,
-                    trace_id = %trace.trace_id_hex(),
-                    span_id = %trace.span_id_hex(),
-                );
-                line.trace(level, &span);
+                telemetry::request::within_sync(context, || line.trace(level));
             });
             let traced = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
             let mut made = String::new();

@@ -219,7 +219,7 @@ impl Db {
         let job = Box::new(Pending {
             write,
             reply,
-            span: tracing::Span::current(),
+            request: telemetry::request::current(),
         });
         {
             let writer = lock(&self.shared.writer);
@@ -261,8 +261,8 @@ trait Answer: Send {
 struct Pending<F, T, E> {
     write: F,
     reply: oneshot::Sender<Result<T, E>>,
-    /// The caller's span: the closure's log lines carry its request.
-    span: tracing::Span,
+    /// The caller's request: the closure's log lines name it.
+    request: Option<telemetry::request::RequestContext>,
 }
 
 impl<F, T, E> Job for Pending<F, T, E>
@@ -272,15 +272,26 @@ where
     E: From<Error> + Send + 'static,
 {
     fn run(self: Box<Self>, conn: &Connection) -> (bool, Box<dyn Answer>) {
-        let Pending { write, reply, span } = *self;
-        let outcome = span.in_scope(|| catch_unwind(AssertUnwindSafe(|| write(conn))));
+        let Pending {
+            write,
+            reply,
+            request,
+        } = *self;
+        let run = || {
+            let outcome = catch_unwind(AssertUnwindSafe(|| write(conn)));
+            if outcome.is_err() {
+                tracing::error!("a database write panicked; rolled back");
+            }
+            outcome
+        };
+        let outcome = match request {
+            Some(request) => telemetry::request::within_sync(request, run),
+            None => run(),
+        };
         let (keep, result) = match outcome {
             Ok(Ok(value)) => (true, Ok(value)),
             Ok(Err(err)) => (false, Err(err)),
-            Err(_) => {
-                tracing::error!(parent: &span, "a database write panicked; rolled back");
-                (false, Err(Error::Panicked.into()))
-            }
+            Err(_) => (false, Err(Error::Panicked.into())),
         };
         (keep, Box::new(Held { reply, result }))
     }

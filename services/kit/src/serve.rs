@@ -174,22 +174,22 @@ async fn health(State(state): State<HealthState>) -> Response {
     }
 }
 
-/// One request: its context and span, its metrics, its log line.
+/// One request: its context, its metrics, its log line.
 async fn observe_request(
     State(service): State<&'static str>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    use tracing::Instrument;
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let headers = request.headers();
-    let request_id = crate::trace::request_id(
+    let request_id: std::sync::Arc<str> = crate::trace::request_id(
         headers
             .get(crate::trace::REQUEST_ID)
             .and_then(|v| v.to_str().ok()),
-    );
+    )
+    .into();
     let trace = telemetry::export::begin(
         headers
             .get(telemetry::trace::TRACEPARENT)
@@ -197,58 +197,55 @@ async fn observe_request(
     );
     let slot = RouteSlot::default();
     request.extensions_mut().insert(slot.clone());
-    let span = tracing::info_span!(
-        "request",
-        request_id = %request_id,
-        trace_id = %trace.trace_id_hex(),
-        span_id = %trace.span_id_hex(),
-    );
     let context = crate::trace::CallContext {
-        request_id: request_id.clone(),
+        request_id: std::sync::Arc::clone(&request_id),
         trace,
     };
     let wall = std::time::SystemTime::now();
-    let response = crate::trace::within(context, next.run(request))
-        .instrument(span.clone())
-        .await;
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed();
-    let route = slot.0.get().map_or("unmatched", String::as_str);
-    crate::metrics::record_request(
-        service,
-        method.as_str(),
-        route,
-        status,
-        elapsed.as_secs_f64(),
-    );
-    crate::trace::record_server_span(
-        &trace,
-        wall,
-        method.as_str(),
-        &path,
-        route,
-        status,
-        &request_id,
-    );
-    // Health probes and scrapes arrive every second: keep them out of the
-    // default log unless they fail.
-    let level = if matches!(path.as_str(), "/health" | "/metrics") && response.status().is_success()
-    {
-        tracing::Level::DEBUG
-    } else {
-        tracing::Level::INFO
-    };
-    crate::access_log::RequestLine {
-        method: method.as_str(),
-        path: &path,
-        route,
-        status,
-        duration_ms: elapsed.as_secs_f64() * 1000.0,
-        request_id: &request_id,
-        trace: &trace,
-    }
-    .log(level, &span);
-    response
+    // The line is written within the request too: when it goes through
+    // `tracing` (JSON), the formatter names the request from the context.
+    crate::trace::within(context, async move {
+        let response = next.run(request).await;
+        let status = response.status().as_u16();
+        let elapsed = started.elapsed();
+        let route = slot.0.get().map_or("unmatched", String::as_str);
+        crate::metrics::record_request(
+            service,
+            method.as_str(),
+            route,
+            status,
+            elapsed.as_secs_f64(),
+        );
+        crate::trace::record_server_span(
+            &trace,
+            wall,
+            method.as_str(),
+            &path,
+            route,
+            status,
+            &request_id,
+        );
+        // Health probes and scrapes arrive every second: keep them out of
+        // the default log unless they fail.
+        let level =
+            if matches!(path.as_str(), "/health" | "/metrics") && response.status().is_success() {
+                tracing::Level::DEBUG
+            } else {
+                tracing::Level::INFO
+            };
+        crate::access_log::RequestLine {
+            method: method.as_str(),
+            path: &path,
+            route,
+            status,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            request_id: &request_id,
+            trace: &trace,
+        }
+        .log(level);
+        response
+    })
+    .await
 }
 
 /// Binds `addr`, naming the address in the error (a port in use is the

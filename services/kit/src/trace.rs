@@ -2,13 +2,13 @@
 //! context, so that logs carry them and outgoing calls pass them on.
 //!
 //! The serving middleware (`serve`) reads `traceparent` and `x-request-id`
-//! from each request (continuing a valid trace, starting one otherwise),
-//! runs the handler in a `request` span with `request_id`, `trace_id` and
-//! `span_id`, and keeps the [`CallContext`] in a task-local; a call to
-//! another service runs as a [`Child`] span and sends its headers. Work
-//! moved to another task keeps both with [`carry`]. Spans are exported
-//! over OTLP when the request is sampled and export is on
-//! (`telemetry::export`).
+//! from each request (continuing a valid trace, starting one otherwise)
+//! and runs the handler with its [`CallContext`] in a task-local
+//! (`telemetry::request`), which every log line written meanwhile names
+//! (as `request{request_id=.. trace_id=.. span_id=..}`); a call to another
+//! service runs as a [`Child`] span and sends its headers. Work moved to
+//! another task keeps the context with [`carry`]. Spans are exported over
+//! OTLP when the request is sampled and export is on (`telemetry::export`).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -16,42 +16,29 @@ use std::time::SystemTime;
 
 use telemetry::export::{KeyValue, Span, SpanKind};
 use telemetry::trace::{TRACEPARENT, TraceContext};
-use tracing::Instrument;
 
 /// The request id header.
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// What a request's work carries along.
-#[derive(Debug, Clone)]
-pub struct CallContext {
-    pub request_id: String,
-    pub trace: TraceContext,
-}
-
-tokio::task_local! {
-    static CURRENT: CallContext;
-}
+/// What a request's work carries along: its id and trace context.
+pub use telemetry::request::RequestContext as CallContext;
 
 /// The current request's context, if this runs for one.
 pub fn current() -> Option<CallContext> {
-    CURRENT.try_with(Clone::clone).ok()
+    telemetry::request::current()
 }
 
-/// Runs `work` as part of the request `context`.
-pub async fn within<F: Future>(context: CallContext, work: F) -> F::Output {
-    CURRENT.scope(context, work).await
-}
+/// `work`, run as part of the request `context`.
+pub use telemetry::request::within;
 
-/// `work`, carrying the current request's context and `tracing` span, for
-/// another task.
+/// `work`, carrying the current request's context, for another task.
+/// (Built from the futures themselves, not an `async` block, which would
+/// hold `work` twice: `work` is a whole saga.)
 pub fn carry<F: Future>(work: F) -> impl Future<Output = F::Output> {
-    let context = current();
-    let span = tracing::Span::current();
-    async move {
-        match context {
-            Some(context) => CURRENT.scope(context, work).instrument(span).await,
-            None => work.instrument(span).await,
-        }
+    use futures_util::future::Either;
+    match current() {
+        Some(context) => Either::Left(within(context, work)),
+        None => Either::Right(work),
     }
 }
 
@@ -84,7 +71,7 @@ impl Child {
         match &self.context {
             Some(context) => vec![
                 (TRACEPARENT, context.trace.header()),
-                (REQUEST_ID, context.request_id.clone()),
+                (REQUEST_ID, context.request_id.to_string()),
             ],
             None => Vec::new(),
         }
