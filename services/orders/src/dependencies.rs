@@ -1,12 +1,13 @@
 //! The order service's calls to user-service and product-service.
 //!
-//! One HTTP/1.1 client for the life of the process (hyper's pooled
-//! keep-alive connections, `TCP_NODELAY`, a connect timeout, and a
-//! whole-call limit that covers reading the answer), never one per
-//! request. It is hyper-util's client, not reqwest: these calls go to our
-//! own services and need none of reqwest's layers (redirects, retries of
-//! its own, a response URL parsed again from text on every answer), which
-//! were a measured part of the order path. Each
+//! One set of kept-alive HTTP/1.1 connections for the life of the process
+//! (`connections`: `TCP_NODELAY`, a connect timeout), never a connection
+//! per request, and a whole-call limit that covers reading the answer.
+//! These calls go to our own services and need none of reqwest's layers
+//! (redirects, retries of its own, a response URL parsed again from text
+//! on every answer), nor hyper-util's pooled client (a task spawned per
+//! call to put its connection back): both were measured parts of the
+//! order path. Each
 //! dependency is one base URL (`--users-url`, `--products-url`) or, with
 //! `--registry`, the instances registered in etcd: round robin over them,
 //! moving on to the next when one cannot be connected to (nothing reached
@@ -21,26 +22,20 @@ use std::time::Duration;
 
 use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http_body_util::Full;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use product_service::api::{ItemRequest, Reservation, ReserveRequest};
 use registry::{Follower, RoundRobin};
 use serde::de::DeserializeOwned;
 use service_kit::AppError;
 
-/// Time to establish a connection to a dependency on the local network; a
-/// dead host is reported quickly instead of holding the order.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+use crate::connections::{self, Connections};
+
+pub use connections::CONNECT_TIMEOUT;
 /// Whole-call limit, answer read included: a reservation waits for
 /// SQLite's write lock (up to 10 s busy timeout) under heavy contention,
 /// so allow a little more.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(12);
-/// Idle pooled connections are closed before the services' own keep-alive
-/// limits would close them under us.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest answer read from a dependency (a reservation of many lines
 /// is a few KiB); a larger one is a failed call, not unbounded memory.
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
@@ -77,32 +72,20 @@ pub enum DependencyError {
     NotHttp { name: &'static str, url: String },
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-fn client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_timer(TokioTimer::new())
-        .build(connector)
-}
-
 /// Where the user and product services are, and the client that calls them.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Dependencies {
-    http: HttpClient,
+    connections: Arc<Connections>,
     users: Target,
     products: Target,
 }
 
-/// A base URL split once: `http://host:port` and a path prefix without
-/// its trailing `/` (often empty). A call's URL is the two with its
-/// escaped segments appended.
+/// A base URL split once: its `host:port` and a path prefix without its
+/// trailing `/` (often empty). A call goes to the authority, for the
+/// prefix with its escaped segments appended.
 #[derive(Clone, Debug, PartialEq)]
 struct Base {
-    origin: String,
+    authority: String,
     prefix: String,
 }
 
@@ -135,22 +118,27 @@ impl Base {
         if authority.as_str().len() > authority.host().len() && authority.port_u16().is_none() {
             return Err(invalid("invalid port"));
         }
+        // Without a port, HTTP's.
+        let authority = match authority.port_u16() {
+            Some(_) => authority.as_str().to_owned(),
+            None => format!("{}:80", authority.as_str()),
+        };
         Ok(Base {
-            origin: format!("http://{authority}"),
+            authority,
             prefix: uri.path().trim_end_matches('/').to_owned(),
         })
     }
 
-    /// The URL of `segments` under this base.
-    fn join(&self, segments: &[&str]) -> Result<Uri, axum::http::Error> {
-        let mut url = String::with_capacity(self.origin.len() + self.prefix.len() + 64);
-        url.push_str(&self.origin);
-        url.push_str(&self.prefix);
+    /// The request target (origin form: the path) of `segments` under
+    /// this base.
+    fn target(&self, segments: &[&str]) -> Result<Uri, axum::http::Error> {
+        let mut path = String::with_capacity(self.prefix.len() + 64);
+        path.push_str(&self.prefix);
         for segment in segments {
-            url.push('/');
-            url.extend(utf8_percent_encode(segment, SEGMENT));
+            path.push('/');
+            path.extend(utf8_percent_encode(segment, SEGMENT));
         }
-        Ok(Uri::try_from(url)?)
+        Ok(Uri::try_from(path)?)
     }
 }
 
@@ -171,7 +159,7 @@ enum Target {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Fixed(base) => write!(f, "{}{}", base.origin, base.prefix),
+            Target::Fixed(base) => write!(f, "http://{}{}", base.authority, base.prefix),
             Target::Registry { service, .. } => write!(f, "registry:{service}"),
         }
     }
@@ -195,7 +183,7 @@ impl Target {
                 .candidates()
                 .into_iter()
                 .map(|address| Base {
-                    origin: format!("http://{address}"),
+                    authority: address.to_string(),
                     prefix: String::new(),
                 })
                 .collect(),
@@ -223,9 +211,7 @@ pub enum CallError {
     #[error("invalid request URL: {0}")]
     Url(#[from] axum::http::Error),
     #[error(transparent)]
-    Http(#[from] hyper_util::client::legacy::Error),
-    #[error("reading the answer: {0}")]
-    Body(Box<dyn std::error::Error + Send + Sync>),
+    Http(#[from] connections::Error),
     #[error("no answer within {REQUEST_TIMEOUT:?}")]
     Timeout,
     #[error("undecodable answer: {0}")]
@@ -237,7 +223,7 @@ impl CallError {
     fn is_connect(&self) -> bool {
         match self {
             CallError::NoInstance | CallError::Url(_) => true,
-            CallError::Http(err) => err.is_connect(),
+            CallError::Http(err) => matches!(err, connections::Error::Connect { .. }),
             _ => false,
         }
     }
@@ -252,7 +238,7 @@ impl Dependencies {
     /// `http://127.0.0.1:8001`.
     pub fn new(users_url: &str, products_url: &str) -> Result<Self, DependencyError> {
         Ok(Self {
-            http: client(),
+            connections: Arc::default(),
             users: Target::Fixed(Base::parse("users", users_url)?),
             products: Target::Fixed(Base::parse("products", products_url)?),
         })
@@ -262,7 +248,7 @@ impl Dependencies {
     /// `endpoints` under `prefix` (followed live from now on).
     pub fn from_registry(endpoints: &[String], prefix: &str) -> Result<Self, DependencyError> {
         Ok(Self {
-            http: client(),
+            connections: Arc::default(),
             users: Target::registry(endpoints, prefix, "user-service"),
             products: Target::registry(endpoints, prefix, "product-service"),
         })
@@ -281,19 +267,23 @@ impl Dependencies {
     ) -> Result<Answer, CallError> {
         let mut last = CallError::NoInstance;
         for base in target.bases() {
+            let uri = base.target(path)?;
+            let host = HeaderValue::try_from(base.authority.as_str())
+                .map_err(|err| CallError::Url(err.into()))?;
             let mut request = Request::new(Full::new(body.cloned().unwrap_or_default()));
             *request.method_mut() = method.clone();
-            *request.uri_mut() = base.join(path)?;
+            *request.uri_mut() = uri;
+            request.headers_mut().insert(header::HOST, host);
             if body.is_some() {
                 request.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
             }
-            match send(&self.http, request, name).await {
+            match send(&self.connections, &base.authority, request, name).await {
                 Ok(answer) => return Ok(answer),
                 Err(err) if err.is_connect() => {
-                    tracing::debug!(base = %base.origin, error = %err, "cannot connect: trying the next instance");
+                    tracing::debug!(base = %base.authority, error = %err, "cannot connect: trying the next instance");
                     last = err;
                 }
                 Err(err) => return Err(err),
@@ -492,7 +482,8 @@ impl Refused {
 /// `name`): its `traceparent` and the request's `x-request-id` go along.
 /// The answer is read whole, within [`REQUEST_TIMEOUT`] from the start.
 async fn send(
-    http: &HttpClient,
+    connections: &Connections,
+    authority: &str,
     mut request: Request<Full<Bytes>>,
     name: &'static str,
 ) -> Result<Answer, CallError> {
@@ -504,19 +495,12 @@ async fn send(
             request.headers_mut().insert(header, value);
         }
     }
-    let exchange = async {
-        let response = http.request(request).await?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(CallError::Body)?
-            .to_bytes();
-        Ok(Answer { status, body })
+    let exchange = connections.exchange(authority, request, MAX_ANSWER_BYTES);
+    let answer = match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+        Ok(Ok((status, body))) => Ok(Answer { status, body }),
+        Ok(Err(err)) => Err(CallError::Http(err)),
+        Err(_) => Err(CallError::Timeout),
     };
-    let answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .unwrap_or(Err(CallError::Timeout));
     if span.exported() {
         let (attributes, error) = match &answer {
             Ok(answer) => {
@@ -568,31 +552,29 @@ mod tests {
     use super::{Base, DependencyError};
 
     #[test]
-    fn a_call_url_is_the_base_with_the_path_appended() {
+    fn a_call_goes_to_the_bases_authority_for_its_prefix_and_path() {
         let cases = [
-            ("http://127.0.0.1:8001", "http://127.0.0.1:8001/users/7"),
-            ("http://127.0.0.1:8001/", "http://127.0.0.1:8001/users/7"),
-            ("http://users.local/api", "http://users.local/api/users/7"),
-            ("http://users.local/api/", "http://users.local/api/users/7"),
+            ("http://127.0.0.1:8001", "127.0.0.1:8001", "/users/7"),
+            ("http://127.0.0.1:8001/", "127.0.0.1:8001", "/users/7"),
+            ("http://users.local/api", "users.local:80", "/api/users/7"),
+            ("http://users.local/api/", "users.local:80", "/api/users/7"),
+            ("http://[::1]:8001", "[::1]:8001", "/users/7"),
         ];
-        for (base, expected) in cases {
+        for (base, authority, target) in cases {
             let base = Base::parse("users", base).unwrap();
-            assert_eq!(base.join(&["users", "7"]).unwrap(), expected, "{base:?}");
+            assert_eq!(base.authority, authority, "{base:?}");
+            assert_eq!(base.target(&["users", "7"]).unwrap(), target, "{base:?}");
         }
-        let base = Base::parse("users", "http://[::1]:8001").unwrap();
-        assert_eq!(
-            base.join(&["users", "7"]).unwrap(),
-            "http://[::1]:8001/users/7"
-        );
         let base = Base::parse("products", "http://p:1").unwrap();
         assert_eq!(
-            base.join(&["reservations", "01a2-b_c", "confirm"]).unwrap(),
-            "http://p:1/reservations/01a2-b_c/confirm"
+            base.target(&["reservations", "01a2-b_c", "confirm"])
+                .unwrap(),
+            "/reservations/01a2-b_c/confirm"
         );
         // A segment never adds a segment, a query or a fragment.
         assert_eq!(
-            base.join(&["reservations", "a/b?c#d %"]).unwrap(),
-            "http://p:1/reservations/a%2Fb%3Fc%23d%20%25"
+            base.target(&["reservations", "a/b?c#d %"]).unwrap(),
+            "/reservations/a%2Fb%3Fc%23d%20%25"
         );
     }
 

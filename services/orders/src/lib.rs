@@ -5,7 +5,8 @@
 //! - [`saga`]: placing an order as a saga with durable states, recovering
 //!   interrupted ones, cancelling (through the broker when there is one).
 //! - [`dependencies`]: the HTTP calls to user-service and product-service
-//!   (one pooled client, timeouts, error mapping).
+//!   (timeouts, error mapping), on [`connections`]: kept-alive HTTP/1.1
+//!   connections of its own.
 //!
 //! The steps of placing an order run in their own task, so a client that
 //! hangs up half-way cannot stop it between two steps; and every step's
@@ -32,6 +33,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+pub mod connections;
 pub mod dependencies;
 pub mod saga;
 
