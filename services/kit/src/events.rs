@@ -126,9 +126,11 @@ const POLL: Duration = Duration::from_secs(1);
 /// How long a publish may wait for JetStream's acknowledgement.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An event as it travels: CloudEvents' field names.
+/// An event as it travels: CloudEvents' field names; `data` is the
+/// event's own (a struct of the service's, serialized straight into the
+/// payload).
 #[derive(Debug, Clone, Serialize)]
-pub struct Event<'a> {
+pub struct Event<'a, D> {
     pub specversion: &'static str,
     pub id: String,
     /// `order.confirmed`, `stock.released`, ...
@@ -139,7 +141,7 @@ pub struct Event<'a> {
     pub time: String,
     /// What it is about, e.g. `order/42`.
     pub subject: String,
-    pub data: Value,
+    pub data: D,
 }
 
 /// The JetStream subject of an event type: `order.confirmed` →
@@ -164,7 +166,7 @@ pub fn record(
     source: &str,
     kind: &str,
     about: String,
-    data: Value,
+    data: impl Serialize,
 ) -> Result<String, rusqlite::Error> {
     let event = Event {
         specversion: "1.0",

@@ -136,14 +136,24 @@ async fn insert_pending(state: &AppState, user_id: i64, reservation_id: &str) ->
     Ok(id)
 }
 
-fn event_data(order: &Order, reservation_id: &str) -> Value {
-    json!({
-        "order_id": order.id,
-        "user_id": order.user_id,
-        "reservation_id": reservation_id,
-        "items": order.items,
-        "total": order.total,
-    })
+/// The data of `order.confirmed` and `order.cancelled`.
+#[derive(serde::Serialize)]
+struct OrderEvent<'a> {
+    order_id: i64,
+    user_id: i64,
+    reservation_id: &'a str,
+    items: &'a [OrderItem],
+    total: Money,
+}
+
+fn event_data<'a>(order: &'a Order, reservation_id: &'a str) -> OrderEvent<'a> {
+    OrderEvent {
+        order_id: order.id,
+        user_id: order.user_id,
+        reservation_id,
+        items: &order.items,
+        total: order.total,
+    }
 }
 
 /// Marks a pending order confirmed with the reservation's lines and prices,

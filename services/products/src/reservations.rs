@@ -90,13 +90,14 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-fn items_json(items: &[ReservedItem]) -> Value {
-    json!(
-        items
-            .iter()
-            .map(|i| json!({"product_id": i.product_id, "quantity": i.quantity, "price": i.price}))
-            .collect::<Vec<_>>()
-    )
+/// The data of the `stock.*` events.
+#[derive(serde::Serialize)]
+struct StockEvent<'a> {
+    reservation_id: &'a str,
+    items: &'a [ReservedItem],
+    /// What a release was for (the cancelled order); released only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cause: Option<&'a Value>,
 }
 
 /// `POST /reservations`: 201 with the held lines and their prices; 404
@@ -233,7 +234,11 @@ fn reserve_in(
         SERVICE_NAME,
         "stock.reserved",
         format!("reservation/{id}"),
-        json!({"reservation_id": id, "items": items_json(&reserved)}),
+        StockEvent {
+            reservation_id: id,
+            items: &reserved,
+            cause: None,
+        },
     )?;
     Ok((
         StatusCode::CREATED,
@@ -395,7 +400,11 @@ pub fn release_in(conn: &Connection, id: &str, cause: Value) -> AppResult<(Reser
         SERVICE_NAME,
         "stock.released",
         format!("reservation/{id}"),
-        json!({"reservation_id": id, "items": items_json(&reservation.items), "cause": cause}),
+        StockEvent {
+            reservation_id: id,
+            items: &reservation.items,
+            cause: Some(&cause),
+        },
     )?;
     let released = Reservation {
         status: ReservationStatus::Released,
@@ -444,7 +453,11 @@ pub async fn expire_due(db: &Db) -> Result<usize, AppError> {
                     SERVICE_NAME,
                     "stock.expired",
                     format!("reservation/{id}"),
-                    json!({"reservation_id": id, "items": items_json(&reservation.items)}),
+                    StockEvent {
+                        reservation_id: id,
+                        items: &reservation.items,
+                        cause: None,
+                    },
                 )?;
             }
             Ok::<_, AppError>(due)
@@ -532,6 +545,56 @@ fn existing(conn: &Connection, id: &str) -> rusqlite::Result<Option<Reservation>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `stock.*` events carry the reservation, its lines with their
+    /// prices as money (two decimals), and for a release what it was for.
+    #[tokio::test]
+    async fn stock_events_carry_the_lines_and_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::open_db(&dir.path().join("products.db"))
+            .await
+            .unwrap();
+        let items = [ItemRequest {
+            product_id: 2,
+            quantity: 3,
+        }];
+        db.write(move |conn| {
+            reserve_in(conn, "r-1", &items, Duration::from_secs(60))?;
+            release_in(conn, "r-1", json!({"order_id": 7}))?;
+            Ok::<_, AppError>(())
+        })
+        .await
+        .unwrap();
+        let payloads: Vec<Value> = db
+            .read(|conn| {
+                conn.prepare("SELECT payload FROM outbox ORDER BY seq")?
+                    .query_map([], |row| row.get::<_, String>(0))?
+                    .map(|payload| Ok(serde_json::from_str(&payload?).unwrap()))
+                    .collect::<Result<_, service_kit::db::Error>>()
+            })
+            .unwrap();
+        let data: Vec<&Value> = payloads.iter().map(|p| &p["data"]).collect();
+        let lines = json!([{"product_id": 2, "quantity": 3, "price": 12.99}]);
+        assert_eq!(
+            data,
+            [
+                &json!({"reservation_id": "r-1", "items": lines}),
+                &json!({"reservation_id": "r-1", "items": lines, "cause": {"order_id": 7}}),
+            ]
+        );
+        assert_eq!(payloads[0]["type"], "stock.reserved");
+        assert_eq!(payloads[1]["type"], "stock.released");
+        // The price as money is written, not a float's shortest form.
+        let raw: String = db
+            .read(|conn| {
+                conn.query_row("SELECT payload FROM outbox ORDER BY seq LIMIT 1", [], |r| {
+                    r.get(0)
+                })
+                .map_err(service_kit::db::Error::from)
+            })
+            .unwrap();
+        assert!(raw.contains(r#""price":12.99"#), "{raw}");
+    }
 
     /// Reserving and confirming run on every order: none of their
     /// statements may build a temporary b-tree each time (see
