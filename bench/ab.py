@@ -24,10 +24,7 @@ with 200 and counts the bytes), so span export can be measured.
 """
 
 import argparse
-import datetime
-import json
 import os
-import statistics
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -147,13 +144,8 @@ def main():
                 url = f"http://127.0.0.1:{port}{args.path}"
                 results[side] = bench.measured(
                     lambda: bench.oha(url, args.connections, args.seconds, headers=headers), [pid])
-            a, b = results["a"], results["b"]
-            ratio = {
-                "cpu": b["cpu_us_per_request"] / a["cpu_us_per_request"] if a["cpu_us_per_request"] else 0.0,
-                "rps": b["rps"] / a["rps"] if a["rps"] else 0.0,
-                "p99": b["p99_us"] / a["p99_us"] if a["p99_us"] else 0.0,
-            }
-            pairs.append({"a": a, "b": b, "ratio": ratio})
+            pairs.append(bench.pair(results["a"], results["b"]))
+            a, b, ratio = pairs[-1]["a"], pairs[-1]["b"], pairs[-1]["ratio"]
             bench.log(f"pair {pair + 1:>2}: A {a['rps']:>8.0f} req/s {a['cpu_us_per_request']:>5.1f} us/req "
                       f"p99 {a['p99_us']:>6.0f} us | B {b['rps']:>8.0f} req/s {b['cpu_us_per_request']:>5.1f} us/req "
                       f"p99 {b['p99_us']:>6.0f} us | B/A cpu x{ratio['cpu']:.3f} rps x{ratio['rps']:.3f} "
@@ -164,38 +156,12 @@ def main():
             sink[0].shutdown()
             bench.log(f"OTLP sink: {OtlpSink.exports} exports, {OtlpSink.received} bytes")
 
-    def median(key):
-        return statistics.median(p["ratio"][key] for p in pairs)
-
-    summary = {
-        "pairs": len(pairs),
-        "cpu_ratio": median("cpu"),
-        "rps_ratio": median("rps"),
-        "p99_ratio": median("p99"),
-        "b_less_cpu": sum(p["ratio"]["cpu"] < 1 for p in pairs),
-        "b_more_rps": sum(p["ratio"]["rps"] > 1 for p in pairs),
-        "b_shorter_p99": sum(p["ratio"]["p99"] < 1 for p in pairs),
-        "a_cpu_us": statistics.median(p["a"]["cpu_us_per_request"] for p in pairs),
-        "b_cpu_us": statistics.median(p["b"]["cpu_us_per_request"] for p in pairs),
-        "a_rps": statistics.median(p["a"]["rps"] for p in pairs),
-        "b_rps": statistics.median(p["b"]["rps"] for p in pairs),
-        "failed": sum(p["a"]["failed"] + p["b"]["failed"] for p in pairs),
-        "otlp_exports": OtlpSink.exports,
-        "otlp_bytes": OtlpSink.received,
-    }
-    n = summary["pairs"]
-    print(f"B/A over {n} pairs (median of per-pair ratios): CPU per request x{summary['cpu_ratio']:.3f} "
-          f"(B less in {summary['b_less_cpu']} of {n}; {summary['a_cpu_us']:.1f} -> {summary['b_cpu_us']:.1f} us), "
-          f"throughput x{summary['rps_ratio']:.3f} (B more in {summary['b_more_rps']}; "
-          f"{summary['a_rps']:.0f} -> {summary['b_rps']:.0f} req/s), p99 x{summary['p99_ratio']:.3f} "
-          f"(B shorter in {summary['b_shorter_p99']}); failed {summary['failed']}")
+    summary = bench.pairs_summary(pairs)
+    summary["otlp_exports"] = OtlpSink.exports
+    summary["otlp_bytes"] = OtlpSink.received
+    bench.report_pairs(summary)
     if not args.smoke:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-        path = os.path.join(bench.RESULTS, f"ab-{args.label}-{stamp}.json")
-        with open(path, "w") as f:
-            json.dump({"settings": vars(args), "argv": sys.argv[1:], "environment": bench.environment(),
-                       "summary": summary, "pairs": pairs}, f, indent=2)
-        bench.log(f"wrote {path}")
+        bench.save_pairs("ab", args, summary, pairs)
     return 1 if summary["failed"] else 0
 
 

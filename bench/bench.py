@@ -180,6 +180,64 @@ def measured_each(run, named_pids):
     return result
 
 
+
+# --- paired A/B rounds (ab.py, stack_ab.py) ------------------------------------
+
+def pair(a, b):
+    """One pair of rounds: both results and the ratios B/A."""
+    ratio = {
+        "cpu": b["cpu_us_per_request"] / a["cpu_us_per_request"] if a["cpu_us_per_request"] else 0.0,
+        "rps": b["rps"] / a["rps"] if a["rps"] else 0.0,
+        "p99": b["p99_us"] / a["p99_us"] if a["p99_us"] else 0.0,
+    }
+    return {"a": a, "b": b, "ratio": ratio}
+
+
+def pairs_summary(pairs):
+    """The medians of the per-pair ratios, how many pairs B won, the
+    medians of each side's figures and the failures of all."""
+    def median(key):
+        return statistics.median(p["ratio"][key] for p in pairs)
+
+    def side(name, key):
+        return statistics.median(p[name][key] for p in pairs)
+
+    return {
+        "pairs": len(pairs),
+        "cpu_ratio": median("cpu"),
+        "rps_ratio": median("rps"),
+        "p99_ratio": median("p99"),
+        "b_less_cpu": sum(p["ratio"]["cpu"] < 1 for p in pairs),
+        "b_more_rps": sum(p["ratio"]["rps"] > 1 for p in pairs),
+        "b_shorter_p99": sum(p["ratio"]["p99"] < 1 for p in pairs),
+        "a_cpu_us": side("a", "cpu_us_per_request"),
+        "b_cpu_us": side("b", "cpu_us_per_request"),
+        "a_rps": side("a", "rps"),
+        "b_rps": side("b", "rps"),
+        "failed": sum(p["a"]["failed"] + p["b"]["failed"] for p in pairs),
+    }
+
+
+def report_pairs(summary, detail=""):
+    """Prints the summary line (`detail`: more within the CPU part)."""
+    n = summary["pairs"]
+    print(f"B/A over {n} pairs (median of per-pair ratios): CPU per request x{summary['cpu_ratio']:.3f} "
+          f"(B less in {summary['b_less_cpu']} of {n}; {summary['a_cpu_us']:.1f} -> {summary['b_cpu_us']:.1f} us"
+          f"{'; ' + detail if detail else ''}), throughput x{summary['rps_ratio']:.3f} (B more in "
+          f"{summary['b_more_rps']}; {summary['a_rps']:.0f} -> {summary['b_rps']:.0f} req/s), p99 "
+          f"x{summary['p99_ratio']:.3f} (B shorter in {summary['b_shorter_p99']}); failed {summary['failed']}")
+
+
+def save_pairs(prefix, args, summary, pairs):
+    """bench/results/<prefix>-<label>-<time>.json"""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    path = os.path.join(RESULTS, f"{prefix}-{args.label}-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"settings": vars(args), "argv": sys.argv[1:], "environment": environment(),
+                   "summary": summary, "pairs": pairs}, f, indent=2)
+    log(f"wrote {path}")
+
+
 # --- the targets -------------------------------------------------------------
 
 def start_backend(procs, name, threads):

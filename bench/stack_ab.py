@@ -22,8 +22,6 @@ pairs B won.
 """
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -78,13 +76,8 @@ def main():
             results = {}
             for side in order:
                 results[side] = bench.measured_each(load(stacks[side], args.seconds), stacks[side]["pids"])
-            a, b = results["a"], results["b"]
-            ratio = {
-                "cpu": b["cpu_us_per_request"] / a["cpu_us_per_request"] if a["cpu_us_per_request"] else 0.0,
-                "rps": b["rps"] / a["rps"] if a["rps"] else 0.0,
-                "p99": b["p99_us"] / a["p99_us"] if a["p99_us"] else 0.0,
-            }
-            pairs.append({"a": a, "b": b, "ratio": ratio})
+            pairs.append(bench.pair(results["a"], results["b"]))
+            a, b, ratio = pairs[-1]["a"], pairs[-1]["b"], pairs[-1]["ratio"]
             each = lambda r: " ".join(f"{v:.0f}" for v in r["cpu_us_per_request_by_process"].values())
             bench.log(f"pair {pair + 1:>2}: A {a['rps']:>7.0f}/s {a['cpu_us_per_request']:>6.1f} us ({each(a)}) "
                       f"p99 {a['p99_us'] / 1000:>5.1f} ms | B {b['rps']:>7.0f}/s {b['cpu_us_per_request']:>6.1f} us ({each(b)}) "
@@ -93,47 +86,20 @@ def main():
     finally:
         procs.stop()
 
-    def median(key):
-        return statistics.median(p["ratio"][key] for p in pairs)
-
     processes = list(pairs[0]["a"]["cpu_us_per_request_by_process"])
-    summary = {
-        "pairs": len(pairs),
-        "processes": processes,
-        "cpu_ratio": median("cpu"),
-        "rps_ratio": median("rps"),
-        "p99_ratio": median("p99"),
-        "b_less_cpu": sum(p["ratio"]["cpu"] < 1 for p in pairs),
-        "b_more_rps": sum(p["ratio"]["rps"] > 1 for p in pairs),
-        "b_shorter_p99": sum(p["ratio"]["p99"] < 1 for p in pairs),
-        "cpu_ratio_by_process": {
-            name: statistics.median(p["b"]["cpu_us_per_request_by_process"][name] / p["a"]["cpu_us_per_request_by_process"][name]
-                                    for p in pairs if p["a"]["cpu_us_per_request_by_process"][name])
-            # Processes the load does not reach (users for a GET of a
-            # product) only answer health checks: no ratio.
-            for name in processes
-            if statistics.median(p["a"]["cpu_us_per_request_by_process"][name] for p in pairs) >= 1.0
-        },
-        "a_cpu_us": statistics.median(p["a"]["cpu_us_per_request"] for p in pairs),
-        "b_cpu_us": statistics.median(p["b"]["cpu_us_per_request"] for p in pairs),
-        "a_rps": statistics.median(p["a"]["rps"] for p in pairs),
-        "b_rps": statistics.median(p["b"]["rps"] for p in pairs),
-        "failed": sum(p["a"]["failed"] + p["b"]["failed"] for p in pairs),
+    summary = bench.pairs_summary(pairs)
+    summary["processes"] = processes
+    summary["cpu_ratio_by_process"] = {
+        name: statistics.median(p["b"]["cpu_us_per_request_by_process"][name] / p["a"]["cpu_us_per_request_by_process"][name]
+                                for p in pairs if p["a"]["cpu_us_per_request_by_process"][name])
+        # Processes the load does not reach (users for a GET of a
+        # product) only answer health checks: no ratio.
+        for name in processes
+        if statistics.median(p["a"]["cpu_us_per_request_by_process"][name] for p in pairs) >= 1.0
     }
-    n = summary["pairs"]
-    by_process = ", ".join(f"{k} x{v:.3f}" for k, v in summary["cpu_ratio_by_process"].items())
-    print(f"B/A over {n} pairs (median of per-pair ratios): CPU per request x{summary['cpu_ratio']:.3f} "
-          f"(B less in {summary['b_less_cpu']} of {n}; {summary['a_cpu_us']:.0f} -> {summary['b_cpu_us']:.0f} us; "
-          f"{by_process}), throughput x{summary['rps_ratio']:.3f} (B more in {summary['b_more_rps']}; "
-          f"{summary['a_rps']:.0f} -> {summary['b_rps']:.0f} req/s), p99 x{summary['p99_ratio']:.3f} "
-          f"(B shorter in {summary['b_shorter_p99']}); failed {summary['failed']}")
+    bench.report_pairs(summary, ", ".join(f"{k} x{v:.3f}" for k, v in summary["cpu_ratio_by_process"].items()))
     if not args.smoke:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-        path = os.path.join(bench.RESULTS, f"stack-ab-{args.label}-{stamp}.json")
-        with open(path, "w") as f:
-            json.dump({"settings": vars(args), "argv": sys.argv[1:], "environment": bench.environment(),
-                       "summary": summary, "pairs": pairs}, f, indent=2)
-        bench.log(f"wrote {path}")
+        bench.save_pairs("stack-ab", args, summary, pairs)
     return 1 if summary["failed"] else 0
 
 

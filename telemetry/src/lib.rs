@@ -20,6 +20,7 @@
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set) and the sampling decision.
 //! - `receiver` (feature `receiver`, for tests): an OTLP/HTTP receiver that
 //!   keeps what it is sent.
+//! - `testing` (feature `testing`): a log writer that keeps its lines.
 
 pub mod export;
 pub mod log;
@@ -28,4 +29,6 @@ pub mod plain;
 #[cfg(feature = "receiver")]
 pub mod receiver;
 pub mod request;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod trace;

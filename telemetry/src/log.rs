@@ -335,20 +335,7 @@ pub fn timestamp() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::Captured;
 
     #[test]
     fn json_lines_carry_the_shared_fields_and_the_span_ones() {
@@ -377,7 +364,7 @@ mod tests {
                 "order placed"
             );
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let text = captured.text();
         let line: Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(line["level"], "info");
         assert_eq!(line["service"], "order-service");
@@ -402,7 +389,7 @@ mod tests {
     {
         let captured = Captured::default();
         tracing::subscriber::with_default(subscriber(captured.clone()), emit);
-        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+        captured.text()
     }
 
     /// Everything after the timestamp (the two lines were written at

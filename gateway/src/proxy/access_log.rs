@@ -243,20 +243,7 @@ impl std::fmt::Display for LoggedUpstream<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use telemetry::testing::Captured;
 
     #[test]
     fn the_hand_made_access_line_is_the_one_tracing_writes() {
@@ -336,7 +323,7 @@ mod tests {
                 .with_writer(move || sink.clone())
                 .finish();
             tracing::subscriber::with_default(subscriber, || line.trace());
-            let traced = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+            let traced = captured.text();
             let mut made = String::new();
             line.format(&mut made, std::time::SystemTime::now());
             // Equal after the timestamp (the two were taken at different times).

@@ -110,20 +110,7 @@ impl RequestLine<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use telemetry::testing::Captured;
 
     #[test]
     fn the_hand_made_line_is_the_one_tracing_writes() {
@@ -192,7 +179,7 @@ mod tests {
             tracing::subscriber::with_default(subscriber, || {
                 telemetry::request::within_sync(context, || line.trace(level));
             });
-            let traced = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+            let traced = captured.text();
             let mut made = String::new();
             line.format(&mut made, level, std::time::SystemTime::now());
             // Equal after the timestamp (the two were taken at different times).
