@@ -785,15 +785,18 @@ def full_stack_section(fs, args):
         "## The services",
         "",
         f"Direct, {args.connections} clients, {len(fs['direct']['bench-hello'])} alternated rounds of {args.seconds} s "
-        "(median req/s; ratio: median of the per-round ratios to `bench-hello`, an axum hello on as many threads as the services):",
+        "(req/s, p50, p99, CPU: medians of the rounds; max: of all rounds; ratio: median of the per-round ratios to "
+        "`bench-hello`, an axum hello on as many threads as the services):",
         "",
-        "| request | req/s | ratio to bench-hello | p99 µs (last round) | CPU µs/req |",
-        "|---|---:|---:|---:|---:|",
+        "| request | req/s | ratio to bench-hello | p50 µs | p99 µs | max µs | failed | CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in fs["direct"].items():
         ratio = "1" if name == "bench-hello" else f"**{fs['direct_ratio_to_hello'][name]:.2f}×**"
-        lines.append(f"| `{name}` | {statistics.median(r['rps'] for r in runs):.0f} | {ratio} | {runs[-1]['p99_us']:.0f} | "
-                     f"{statistics.median(r['cpu_us_per_request'] for r in runs):.1f} |")
+        median = lambda key: statistics.median(r[key] for r in runs)
+        lines.append(f"| `{name}` | {median('rps'):.0f} | {ratio} | {median('p50_us'):.0f} | {median('p99_us'):.0f} | "
+                     f"{max(r['max_us'] for r in runs):.0f} | {sum(r['failed'] for r in runs)} | "
+                     f"{median('cpu_us_per_request'):.1f} |")
     lines += [
         "",
         "Through the gateway (CPU per request of each process, from `/proc`):",
