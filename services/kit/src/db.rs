@@ -590,6 +590,23 @@ fn migrate(conn: &mut Connection, path: &Path, migrations: &[Migration]) -> Resu
     Ok(())
 }
 
+/// For the `from_row` functions, which read a row by position: by name,
+/// rusqlite compares the name with every column's on each read (4 % of a
+/// `GET /users/{id}`'s instructions). In debug builds (so in every test
+/// that reads a row) this checks that the statement's first columns are
+/// `names`, in that order; in release builds it is nothing.
+#[inline]
+pub fn check_columns(row: &rusqlite::Row<'_>, names: &[&str]) {
+    if cfg!(debug_assertions) {
+        let statement: &rusqlite::Statement<'_> = row.as_ref();
+        let columns = statement.column_names();
+        assert!(
+            columns.get(..names.len()) == Some(names),
+            "the statement's columns are {columns:?}, read as {names:?}"
+        );
+    }
+}
+
 /// Now as the services store a time: RFC 3339, UTC, whole seconds
 /// (`2026-12-08T01:02:03Z`), the text `strftime('%Y-%m-%dT%H:%M:%SZ',
 /// 'now')` gives. Statements on the request path bind this instead of
@@ -857,6 +874,28 @@ mod tests {
             Err(Error::Closed)
         ));
         assert!(Error::Closed.is_unavailable());
+    }
+
+    #[test]
+    fn rows_read_by_position_are_checked_against_their_names() {
+        let conn = Connection::open_in_memory().unwrap();
+        let read = |sql: &str| {
+            conn.query_row(sql, [], |row| {
+                check_columns(row, &["id", "name"]);
+                row.get::<_, String>(1)
+            })
+        };
+        assert_eq!(read("SELECT 1 AS id, 'x' AS name, 2 AS more").unwrap(), "x");
+        let swapped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            read("SELECT 'x' AS name, 1 AS id")
+        }));
+        assert!(
+            swapped.is_err(),
+            "a statement with other columns must not be read"
+        );
+        let fewer =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read("SELECT 1 AS id")));
+        assert!(fewer.is_err());
     }
 
     #[test]

@@ -395,14 +395,15 @@ async fn list_orders(
         let last = orders.last().map_or(page.after_id, |order| order.id);
         let items = snapshot
             .prepare_cached(
-                "SELECT oi.order_id, oi.product_id, oi.quantity, oi.price_cents
+                "SELECT oi.product_id, oi.quantity, oi.price_cents, oi.order_id
                  FROM order_items oi JOIN orders o ON o.id = oi.order_id
                  WHERE (?1 IS NULL OR o.user_id = ?1) AND o.status IN (SELECT value FROM json_each(?2))
                    AND o.id > ?3 AND o.id <= ?4
                  ORDER BY oi.order_id, oi.product_id",
             )?
             .query_map((filter.user_id, &wanted, page.after_id, last), |row| {
-                Ok((row.get::<_, i64>("order_id")?, item_from_row(row)?))
+                // The line's columns first, as `item_from_row` reads them.
+                Ok((row.get::<_, i64>(3)?, item_from_row(row)?))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok::<_, AppError>((orders, items))
@@ -465,24 +466,38 @@ pub fn load_order(conn: &Connection, id: i64) -> rusqlite::Result<Option<Order>>
     Ok(Some(order))
 }
 
+/// A row of `id, user_id, total_cents, status, created_at, failure_reason`.
 fn order_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Order> {
-    let status: String = row.get("status")?;
+    service_kit::db::check_columns(
+        row,
+        &[
+            "id",
+            "user_id",
+            "total_cents",
+            "status",
+            "created_at",
+            "failure_reason",
+        ],
+    );
+    let status: String = row.get(3)?;
     Ok(Order {
-        id: row.get("id")?,
-        user_id: row.get("user_id")?,
+        id: row.get(0)?,
+        user_id: row.get(1)?,
         items: Vec::new(),
-        total: Money::from_cents(row.get("total_cents")?),
+        total: Money::from_cents(row.get(2)?),
         status: Status::parse(&status).unwrap_or(Status::Failed),
-        created_at: row.get("created_at")?,
-        reason: row.get("failure_reason")?,
+        created_at: row.get(4)?,
+        reason: row.get(5)?,
     })
 }
 
+/// A row whose first columns are `product_id, quantity, price_cents`.
 fn item_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<OrderItem> {
+    service_kit::db::check_columns(row, &["product_id", "quantity", "price_cents"]);
     Ok(OrderItem {
-        product_id: row.get("product_id")?,
-        quantity: row.get("quantity")?,
-        price: Money::from_cents(row.get("price_cents")?),
+        product_id: row.get(0)?,
+        quantity: row.get(1)?,
+        price: Money::from_cents(row.get(2)?),
     })
 }
 

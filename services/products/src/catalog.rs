@@ -43,13 +43,24 @@ macro_rules! product_columns {
 impl Product {
     /// A row of `product_columns!()`.
     pub(crate) fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        service_kit::db::check_columns(
+            row,
+            &[
+                "id",
+                "name",
+                "description",
+                "price_cents",
+                "stock",
+                "category",
+            ],
+        );
         Ok(Product {
-            id: row.get("id")?,
-            name: row.get("name")?,
-            description: row.get("description")?,
-            price: Money::from_cents(row.get("price_cents")?),
-            stock: row.get("stock")?,
-            category: row.get("category")?,
+            id: row.get(0)?,
+            name: row.get(1)?,
+            description: row.get(2)?,
+            price: Money::from_cents(row.get(3)?),
+            stock: row.get(4)?,
+            category: row.get(5)?,
         })
     }
 }

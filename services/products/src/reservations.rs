@@ -528,10 +528,11 @@ fn existing(conn: &Connection, id: &str) -> rusqlite::Result<Option<Reservation>
     let items = conn
         .prepare_cached(LINES)?
         .query_map([id], |row| {
+            service_kit::db::check_columns(row, &["product_id", "quantity", "price_cents"]);
             Ok(ReservedItem {
-                product_id: row.get("product_id")?,
-                quantity: row.get("quantity")?,
-                price: Money::from_cents(row.get("price_cents")?),
+                product_id: row.get(0)?,
+                quantity: row.get(1)?,
+                price: Money::from_cents(row.get(2)?),
             })
         })?
         .collect::<Result<_, _>>()?;

@@ -108,12 +108,13 @@ pub struct User {
 impl User {
     /// A row of `user_columns!()`.
     fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        service_kit::db::check_columns(row, &["id", "username", "email", "full_name", "is_active"]);
         Ok(User {
-            id: row.get("id")?,
-            username: row.get("username")?,
-            email: row.get("email")?,
-            full_name: row.get("full_name")?,
-            is_active: row.get("is_active")?,
+            id: row.get(0)?,
+            username: row.get(1)?,
+            email: row.get(2)?,
+            full_name: row.get(3)?,
+            is_active: row.get(4)?,
         })
     }
 }
