@@ -383,20 +383,20 @@ fn roll_back(conn: &Connection) {
 /// which SQLite makes by copying each page the job touches into a
 /// sub-journal first: the cost of isolating it from the jobs before it.
 fn commit_group(conn: &Connection, group: &mut VecDeque<Box<dyn Job>>) {
+    let Some(first) = group.pop_front() else {
+        return;
+    };
     // A transaction left open by a failure that could not be rolled back
     // is ended before a new one begins.
     roll_back(conn);
     if let Err(err) = exec(conn, BEGIN) {
         tracing::warn!(error = %err, "database: cannot begin a write transaction");
+        first.refuse(copy_error(&err));
         for job in group.drain(..) {
             job.refuse(copy_error(&err));
         }
         return;
     }
-    let Some(first) = group.pop_front() else {
-        roll_back(conn);
-        return;
-    };
     let (keep, answer) = first.run(conn);
     if !keep {
         // Only the first job's changes are in it: undo them all.

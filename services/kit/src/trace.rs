@@ -24,9 +24,7 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub use telemetry::request::RequestContext as CallContext;
 
 /// The current request's context, if this runs for one.
-pub fn current() -> Option<CallContext> {
-    telemetry::request::current()
-}
+pub use telemetry::request::current;
 
 /// `work`, run as part of the request `context`.
 pub use telemetry::request::within;

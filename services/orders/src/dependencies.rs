@@ -17,6 +17,7 @@
 //! must see (user not found, product not found, insufficient stock) are
 //! passed on with their status and detail.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,9 +88,22 @@ pub struct Dependencies {
 struct Base {
     authority: String,
     prefix: String,
+    /// The `Host` header of its calls (the authority), made once.
+    host: HeaderValue,
 }
 
 impl Base {
+    /// `None` if `authority` cannot be a header value (an authority that
+    /// parsed as one always can).
+    fn new(authority: String, prefix: String) -> Option<Base> {
+        let host = HeaderValue::try_from(authority.as_str()).ok()?;
+        Some(Base {
+            authority,
+            prefix,
+            host,
+        })
+    }
+
     fn parse(name: &'static str, url: &str) -> Result<Base, DependencyError> {
         let uri: Uri =
             url.parse()
@@ -123,10 +137,8 @@ impl Base {
             Some(_) => authority.as_str().to_owned(),
             None => format!("{}:80", authority.as_str()),
         };
-        Ok(Base {
-            authority,
-            prefix: uri.path().trim_end_matches('/').to_owned(),
-        })
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Base::new(authority, prefix).ok_or_else(|| invalid("invalid host"))
     }
 
     /// The request target (origin form: the path) of `segments` under
@@ -175,18 +187,17 @@ impl Target {
         }
     }
 
-    /// Base URLs to try, in order.
-    fn bases(&self) -> Vec<Base> {
+    /// Base URLs to try, in order (a fixed one is not copied per call).
+    fn bases(&self) -> Cow<'_, [Base]> {
         match self {
-            Target::Fixed(base) => vec![base.clone()],
-            Target::Registry { instances, .. } => instances
-                .candidates()
-                .into_iter()
-                .map(|address| Base {
-                    authority: address.to_string(),
-                    prefix: String::new(),
-                })
-                .collect(),
+            Target::Fixed(base) => Cow::Borrowed(std::slice::from_ref(base)),
+            Target::Registry { instances, .. } => Cow::Owned(
+                instances
+                    .candidates()
+                    .into_iter()
+                    .filter_map(|address| Base::new(address.to_string(), String::new()))
+                    .collect(),
+            ),
         }
     }
 }
@@ -266,14 +277,14 @@ impl Dependencies {
         body: Option<&Bytes>,
     ) -> Result<Answer, CallError> {
         let mut last = CallError::NoInstance;
-        for base in target.bases() {
+        for base in target.bases().iter() {
             let uri = base.target(path)?;
-            let host = HeaderValue::try_from(base.authority.as_str())
-                .map_err(|err| CallError::Url(err.into()))?;
             let mut request = Request::new(Full::new(body.cloned().unwrap_or_default()));
             *request.method_mut() = method.clone();
             *request.uri_mut() = uri;
-            request.headers_mut().insert(header::HOST, host);
+            request
+                .headers_mut()
+                .insert(header::HOST, base.host.clone());
             if body.is_some() {
                 request.headers_mut().insert(
                     header::CONTENT_TYPE,
